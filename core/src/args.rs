@@ -1,0 +1,322 @@
+//! Argument parsing for the `TIERCACHE.*` commands, with Redis's wording for errors.
+//!
+//! Parsers take the arguments after the key (and value) as byte slices, so they are binary-safe and
+//! never allocate per argument beyond the tag list.
+
+use std::fmt;
+
+use crate::entry::{Encoding, NO_DEADLINE};
+use crate::num::parse_i64;
+
+/// Why a command's arguments were refused. `Display` gives the full Redis error line, `ERR` included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgError {
+    Syntax,
+    NotInteger,
+    InvalidExpire(&'static str),
+    InvalidStale(&'static str),
+    StaleNeedsExpire,
+    NumTagsRange,
+    NumTagsMismatch,
+    TooManyTags { max: usize },
+    EmptyTag,
+    UnknownEncoding,
+    InvalidCreated,
+}
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::Syntax => f.write_str("ERR syntax error"),
+            ArgError::NotInteger => f.write_str("ERR value is not an integer or out of range"),
+            ArgError::InvalidExpire(cmd) => write!(f, "ERR invalid expire time in '{cmd}' command"),
+            ArgError::InvalidStale(cmd) => write!(f, "ERR invalid stale time in '{cmd}' command"),
+            ArgError::StaleNeedsExpire => f.write_str("ERR STALE needs a fresh period: add EX, PX, EXAT or PXAT"),
+            ArgError::NumTagsRange => f.write_str("ERR numtags must be a non-negative integer"),
+            ArgError::NumTagsMismatch => f.write_str("ERR numtags is larger than the number of tags given"),
+            ArgError::TooManyTags { max } => {
+                write!(f, "ERR too many tags: at most {max} per entry (see tiercache.max-tags)")
+            }
+            ArgError::EmptyTag => f.write_str("ERR tags must not be empty strings"),
+            ArgError::UnknownEncoding => f.write_str("ERR unknown encoding: expected raw or lz4"),
+            ArgError::InvalidCreated => f.write_str("ERR invalid CREATED time"),
+        }
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+/// The fresh period as given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FreshPeriod {
+    /// No EX/PX/EXAT/PXAT: fresh forever.
+    Forever,
+    /// EX or PX, in milliseconds from now.
+    Relative(i64),
+    /// EXAT or PXAT, in unix milliseconds.
+    At(i64),
+}
+
+/// How the value is to be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Compress when worth it (the default).
+    Auto,
+    /// NOCOMPRESS, or ENCODING: store the bytes as given, in that encoding.
+    Verbatim(Encoding),
+}
+
+/// Parsed `TIERCACHE.SET` options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetArgs<'a> {
+    pub fresh: FreshPeriod,
+    pub keep_ttl: bool,
+    /// The stale window in milliseconds (STALE is given in seconds).
+    pub stale_ms: i64,
+    pub tags: Vec<&'a [u8]>,
+    pub compression: Compression,
+    pub created: Option<i64>,
+}
+
+/// Absolute times derived from [`SetArgs`] at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadlines {
+    /// End of the fresh period, unix ms, or [`NO_DEADLINE`].
+    pub fresh_until: i64,
+    /// When the key expires (fresh + stale), unix ms, or [`NO_DEADLINE`].
+    pub expire_at: i64,
+}
+
+const SET: &str = "tiercache.set";
+
+fn int(arg: Option<&&[u8]>) -> Result<i64, ArgError> {
+    let arg = arg.ok_or(ArgError::Syntax)?;
+    parse_i64(arg).ok_or(ArgError::NotInteger)
+}
+
+/// Parses the options of `TIERCACHE.SET key value [options...]`.
+///
+/// `max_tags` is `tiercache.max-tags`. Tags are checked (non-empty, count) but repeats are kept here;
+/// the entry's tag list drops them.
+pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, ArgError> {
+    let mut fresh = None;
+    let mut keep_ttl = false;
+    let mut stale = None;
+    let mut tags = None;
+    let mut compression = None;
+    let mut created = None;
+    let mut i = 0;
+    while i < opts.len() {
+        let opt = opts[i];
+        let is = |name: &str| opt.eq_ignore_ascii_case(name.as_bytes());
+        if is("EX") || is("PX") || is("EXAT") || is("PXAT") {
+            if fresh.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let n = int(opts.get(i + 1))?;
+            if n <= 0 {
+                return Err(ArgError::InvalidExpire(SET));
+            }
+            let seconds = is("EX") || is("EXAT");
+            let ms = if seconds { n.checked_mul(1000).ok_or(ArgError::InvalidExpire(SET))? } else { n };
+            fresh = Some(if is("EX") || is("PX") { FreshPeriod::Relative(ms) } else { FreshPeriod::At(ms) });
+            i += 2;
+        } else if is("KEEPTTL") {
+            if keep_ttl {
+                return Err(ArgError::Syntax);
+            }
+            keep_ttl = true;
+            i += 1;
+        } else if is("STALE") {
+            if stale.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let n = int(opts.get(i + 1))?;
+            if n < 0 {
+                return Err(ArgError::InvalidStale(SET));
+            }
+            stale = Some(n.checked_mul(1000).ok_or(ArgError::InvalidStale(SET))?);
+            i += 2;
+        } else if is("TAGS") {
+            if tags.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let n = int(opts.get(i + 1))?;
+            let n = usize::try_from(n).map_err(|_| ArgError::NumTagsRange)?;
+            let start = i + 2;
+            if n > opts.len() - start.min(opts.len()) {
+                return Err(ArgError::NumTagsMismatch);
+            }
+            if n > max_tags {
+                return Err(ArgError::TooManyTags { max: max_tags });
+            }
+            let list = &opts[start..start + n];
+            if list.iter().any(|t| t.is_empty()) {
+                return Err(ArgError::EmptyTag);
+            }
+            tags = Some(list.to_vec());
+            i = start + n;
+        } else if is("NOCOMPRESS") {
+            if compression.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            compression = Some(Compression::Verbatim(Encoding::Raw));
+            i += 1;
+        } else if is("ENCODING") {
+            if compression.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let name = opts.get(i + 1).ok_or(ArgError::Syntax)?;
+            compression = Some(Compression::Verbatim(Encoding::from_name(name).ok_or(ArgError::UnknownEncoding)?));
+            i += 2;
+        } else if is("CREATED") {
+            if created.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let n = int(opts.get(i + 1))?;
+            if n < 0 {
+                return Err(ArgError::InvalidCreated);
+            }
+            created = Some(n);
+            i += 2;
+        } else {
+            return Err(ArgError::Syntax);
+        }
+    }
+    let fresh = fresh.unwrap_or(FreshPeriod::Forever);
+    if stale.is_some() && keep_ttl {
+        return Err(ArgError::Syntax);
+    }
+    if stale.is_some_and(|s| s > 0) && fresh == FreshPeriod::Forever {
+        return Err(ArgError::StaleNeedsExpire);
+    }
+    Ok(SetArgs {
+        fresh,
+        keep_ttl,
+        stale_ms: stale.unwrap_or(0),
+        tags: tags.unwrap_or_default(),
+        compression: compression.unwrap_or(Compression::Auto),
+        created,
+    })
+}
+
+impl SetArgs<'_> {
+    /// Turns the relative periods into absolute deadlines at `now_ms`.
+    pub fn deadlines(&self, now_ms: i64) -> Result<Deadlines, ArgError> {
+        let fresh_until = match self.fresh {
+            FreshPeriod::Forever => return Ok(Deadlines { fresh_until: NO_DEADLINE, expire_at: NO_DEADLINE }),
+            FreshPeriod::Relative(ms) => now_ms.checked_add(ms).ok_or(ArgError::InvalidExpire(SET))?,
+            FreshPeriod::At(at) => at,
+        };
+        let expire_at = fresh_until.checked_add(self.stale_ms).ok_or(ArgError::InvalidStale(SET))?;
+        Ok(Deadlines { fresh_until, expire_at })
+    }
+}
+
+/// Parsed `TIERCACHE.GET` options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GetArgs {
+    /// ENCODED: reply `[encoding, stored bytes]` instead of the decoded value.
+    pub encoded: bool,
+}
+
+/// Parses the options of `TIERCACHE.GET key [options...]`.
+pub fn parse_get(opts: &[&[u8]]) -> Result<GetArgs, ArgError> {
+    let mut args = GetArgs::default();
+    for opt in opts {
+        if opt.eq_ignore_ascii_case(b"ENCODED") && !args.encoded {
+            args.encoded = true;
+        } else {
+            return Err(ArgError::Syntax);
+        }
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(args: &[&'static str]) -> Result<SetArgs<'static>, ArgError> {
+        let v: Vec<&'static [u8]> = args.iter().map(|s| s.as_bytes()).collect();
+        let leaked: &'static [&'static [u8]] = Box::leak(v.into_boxed_slice());
+        parse_set(leaked, 4)
+    }
+
+    #[test]
+    fn defaults() {
+        let a = set(&[]).unwrap();
+        assert_eq!(a.fresh, FreshPeriod::Forever);
+        assert_eq!(a.stale_ms, 0);
+        assert!(a.tags.is_empty());
+        assert_eq!(a.compression, Compression::Auto);
+        assert_eq!(a.deadlines(1000).unwrap(), Deadlines { fresh_until: NO_DEADLINE, expire_at: NO_DEADLINE });
+    }
+
+    #[test]
+    fn periods_and_deadlines() {
+        let a = set(&["ex", "10", "STALE", "5"]).unwrap();
+        assert_eq!(a.deadlines(1_000).unwrap(), Deadlines { fresh_until: 11_000, expire_at: 16_000 });
+        let a = set(&["PX", "250"]).unwrap();
+        assert_eq!(a.deadlines(1_000).unwrap(), Deadlines { fresh_until: 1_250, expire_at: 1_250 });
+        let a = set(&["PXAT", "5000", "STALE", "1"]).unwrap();
+        assert_eq!(a.deadlines(1_000).unwrap(), Deadlines { fresh_until: 5_000, expire_at: 6_000 });
+        let a = set(&["EXAT", "5"]).unwrap();
+        assert_eq!(a.deadlines(1_000).unwrap().fresh_until, 5_000);
+        let a = set(&["PX", "9223372036854775807"]).unwrap();
+        assert_eq!(a.deadlines(1_000), Err(ArgError::InvalidExpire("tiercache.set")));
+    }
+
+    #[test]
+    fn tags_compression_and_internal_options() {
+        let a = set(&["TAGS", "2", "a", "b", "NOCOMPRESS", "CREATED", "77", "KEEPTTL"]).unwrap();
+        assert_eq!(a.tags, vec![&b"a"[..], b"b"]);
+        assert_eq!(a.compression, Compression::Verbatim(Encoding::Raw));
+        assert_eq!(a.created, Some(77));
+        assert!(a.keep_ttl);
+        let a = set(&["ENCODING", "LZ4", "TAGS", "0"]).unwrap();
+        assert_eq!(a.compression, Compression::Verbatim(Encoding::Lz4));
+        assert!(a.tags.is_empty());
+    }
+
+    #[test]
+    fn bad_input_gets_redis_style_errors() {
+        let cases: &[(&[&str], ArgError)] = &[
+            (&["EX"], ArgError::Syntax),
+            (&["EX", "ten"], ArgError::NotInteger),
+            (&["EX", "0"], ArgError::InvalidExpire("tiercache.set")),
+            (&["PX", "-5"], ArgError::InvalidExpire("tiercache.set")),
+            (&["EX", "9223372036854775807"], ArgError::InvalidExpire("tiercache.set")),
+            (&["EX", "1", "PX", "1"], ArgError::Syntax),
+            (&["EX", "1", "EX", "1"], ArgError::Syntax),
+            (&["STALE", "5"], ArgError::StaleNeedsExpire),
+            (&["EX", "1", "STALE", "-1"], ArgError::InvalidStale("tiercache.set")),
+            (&["EX", "1", "STALE", "1", "STALE", "1"], ArgError::Syntax),
+            (&["EX", "1", "STALE", "1", "KEEPTTL"], ArgError::Syntax),
+            (&["TAGS", "3", "a", "b"], ArgError::NumTagsMismatch),
+            (&["TAGS", "1", "a", "b"], ArgError::Syntax),
+            (&["TAGS", "-1"], ArgError::NumTagsRange),
+            (&["TAGS", "x"], ArgError::NotInteger),
+            (&["TAGS", "5", "a", "b", "c", "d", "e"], ArgError::TooManyTags { max: 4 }),
+            (&["TAGS", "1", ""], ArgError::EmptyTag),
+            (&["TAGS", "1", "a", "TAGS", "1", "b"], ArgError::Syntax),
+            (&["NOCOMPRESS", "NOCOMPRESS"], ArgError::Syntax),
+            (&["NOCOMPRESS", "ENCODING", "raw"], ArgError::Syntax),
+            (&["ENCODING", "gzip"], ArgError::UnknownEncoding),
+            (&["CREATED", "-1"], ArgError::InvalidCreated),
+            (&["BOGUS"], ArgError::Syntax),
+        ];
+        for (args, want) in cases {
+            assert_eq!(set(args).as_ref().err(), Some(want), "{args:?}");
+        }
+        assert_eq!(ArgError::InvalidExpire("tiercache.set").to_string(), "ERR invalid expire time in 'tiercache.set' command");
+    }
+
+    #[test]
+    fn get_options() {
+        assert_eq!(parse_get(&[]).unwrap(), GetArgs { encoded: false });
+        assert_eq!(parse_get(&[b"encoded"]).unwrap(), GetArgs { encoded: true });
+        assert_eq!(parse_get(&[b"ENCODED", b"ENCODED"]), Err(ArgError::Syntax));
+        assert_eq!(parse_get(&[b"x"]), Err(ArgError::Syntax));
+    }
+}

@@ -1,0 +1,197 @@
+//! The entry's persistence layout, written through Redis's own RDB primitives (unsigned, signed and
+//! string-buffer fields) behind an encoding version. The module maps [`Sink`] and [`Source`] onto
+//! `RedisModule_Save*` / `RedisModule_Load*`; tests map them onto a vector.
+//!
+//! Encoding version 1, in order:
+//! 1. unsigned: encoding (0 raw, 1 lz4)
+//! 2. signed: fresh deadline, unix ms, or -1 for none
+//! 3. signed: creation time, unix ms
+//! 4. unsigned: original size in bytes
+//! 5. string: the stored bytes
+//! 6. unsigned: number of tags, then one string per tag
+//!
+//! The key's own TTL (the end of the stale window) is saved by Redis with the key.
+
+use std::fmt;
+
+use crate::entry::{Encoding, Entry};
+use crate::tags::TagList;
+
+/// The encoding version written today.
+pub const ENCODING_VERSION: i32 = 1;
+/// At most this many tags are read back, whatever the payload claims.
+pub const MAX_PERSISTED_TAGS: u64 = 65_536;
+
+/// Where fields are written.
+pub trait Sink {
+    fn put_unsigned(&mut self, v: u64);
+    fn put_signed(&mut self, v: i64);
+    fn put_bytes(&mut self, v: &[u8]);
+}
+
+/// Where fields are read from. Every read may fail (truncated or corrupt payload).
+pub trait Source {
+    fn get_unsigned(&mut self) -> Result<u64, LoadError>;
+    fn get_signed(&mut self) -> Result<i64, LoadError>;
+    fn get_bytes(&mut self) -> Result<Vec<u8>, LoadError>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    /// The payload ended early or a primitive read failed.
+    Io,
+    /// Written by a newer tiercache.
+    UnknownVersion(i32),
+    /// Fields that cannot belong to a valid entry.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Io => f.write_str("truncated or unreadable entry"),
+            LoadError::UnknownVersion(v) => write!(f, "unknown tiercache encoding version {v}"),
+            LoadError::Invalid(what) => write!(f, "invalid entry: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Writes `entry` in the current encoding version.
+pub fn save(entry: &Entry, out: &mut impl Sink) {
+    out.put_unsigned(entry.encoding() as u64);
+    out.put_signed(entry.fresh_until());
+    out.put_signed(entry.created());
+    out.put_unsigned(entry.size() as u64);
+    out.put_bytes(entry.stored());
+    let tags = entry.tags();
+    out.put_unsigned(tags.len() as u64);
+    for tag in tags.iter() {
+        out.put_bytes(tag);
+    }
+}
+
+/// Reads an entry written with encoding version `version`.
+pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
+    if version != ENCODING_VERSION {
+        return Err(LoadError::UnknownVersion(version));
+    }
+    let encoding = Encoding::from_code(src.get_unsigned()?).ok_or(LoadError::Invalid("encoding"))?;
+    let fresh_until = src.get_signed()?;
+    let created = src.get_signed()?;
+    let size = usize::try_from(src.get_unsigned()?).map_err(|_| LoadError::Invalid("size"))?;
+    let data = src.get_bytes()?.into_boxed_slice();
+    let ntags = src.get_unsigned()?;
+    if ntags > MAX_PERSISTED_TAGS {
+        return Err(LoadError::Invalid("tag count"));
+    }
+    let mut tags = Vec::with_capacity(ntags as usize);
+    for _ in 0..ntags {
+        let tag = src.get_bytes()?;
+        if tag.is_empty() {
+            return Err(LoadError::Invalid("empty tag"));
+        }
+        tags.push(tag);
+    }
+    let tags = TagList::new(tags.iter().map(Vec::as_slice));
+    Entry::from_parts(data, encoding, size, fresh_until, created, tags).map_err(|_| LoadError::Invalid("stored bytes"))
+}
+
+/// An in-memory field stream, for tests and for tools.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Field {
+    #[default]
+    None,
+    Unsigned(u64),
+    Signed(i64),
+    Bytes(Vec<u8>),
+}
+
+impl Sink for Vec<Field> {
+    fn put_unsigned(&mut self, v: u64) {
+        self.push(Field::Unsigned(v));
+    }
+    fn put_signed(&mut self, v: i64) {
+        self.push(Field::Signed(v));
+    }
+    fn put_bytes(&mut self, v: &[u8]) {
+        self.push(Field::Bytes(v.to_vec()));
+    }
+}
+
+impl Source for std::vec::IntoIter<Field> {
+    fn get_unsigned(&mut self) -> Result<u64, LoadError> {
+        match self.next() {
+            Some(Field::Unsigned(v)) => Ok(v),
+            _ => Err(LoadError::Io),
+        }
+    }
+    fn get_signed(&mut self) -> Result<i64, LoadError> {
+        match self.next() {
+            Some(Field::Signed(v)) => Ok(v),
+            _ => Err(LoadError::Io),
+        }
+    }
+    fn get_bytes(&mut self) -> Result<Vec<u8>, LoadError> {
+        match self.next() {
+            Some(Field::Bytes(v)) => Ok(v),
+            _ => Err(LoadError::Io),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::entry::{Storage, NO_DEADLINE};
+
+    fn sample(value: &[u8], tags: &[&[u8]]) -> Entry {
+        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, TagList::new(tags.iter().copied()))
+            .unwrap()
+    }
+
+    #[test]
+    fn round_trips_raw_compressed_and_tagged_entries() {
+        let big = b"{\"k\":\"value\"}".repeat(100);
+        for e in [
+            sample(b"", &[]),
+            sample(b"small\0binary", &[b"user:1", b"\0\xff"]),
+            sample(&big, &[b"t"]),
+            Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, TagList::EMPTY).unwrap(),
+        ] {
+            let mut fields: Vec<Field> = Vec::new();
+            save(&e, &mut fields);
+            let back = load(&mut fields.into_iter(), ENCODING_VERSION).unwrap();
+            assert_eq!(back, e);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let e = sample(&b"xyz".repeat(100), &[b"a", b"b"]);
+        let mut fields: Vec<Field> = Vec::new();
+        save(&e, &mut fields);
+        for cut in 0..fields.len() {
+            let short: Vec<Field> = fields[..cut].to_vec();
+            assert!(load(&mut short.into_iter(), ENCODING_VERSION).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn corrupt_fields_are_errors() {
+        let e = sample(&b"xyz".repeat(100), &[b"a"]);
+        let mut fields: Vec<Field> = Vec::new();
+        save(&e, &mut fields);
+        let mut bad = fields.clone();
+        bad[0] = Field::Unsigned(9);
+        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("encoding")));
+        let mut bad = fields.clone();
+        bad[3] = Field::Unsigned(1 << 40);
+        assert!(load(&mut bad.into_iter(), 1).is_err());
+        let mut bad = fields.clone();
+        bad[5] = Field::Unsigned(u64::MAX);
+        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("tag count")));
+        assert_eq!(load(&mut fields.into_iter(), 2), Err(LoadError::UnknownVersion(2)));
+    }
+}
