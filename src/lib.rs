@@ -1,1 +1,41 @@
+//! tiercache: a Redis (>= 7.0) module for multi-tier caching. This file only registers; see
+//! ARCHITECTURE.md for where everything lives.
 
+mod commands;
+mod config;
+mod datatype;
+mod emit;
+mod ffi;
+mod keys;
+mod reply;
+mod stats;
+
+use redis_module::{redis_module, Context, RedisString, Status};
+
+fn init(ctx: &Context, args: &[RedisString]) -> Status {
+    let ctx = ctx.ctx;
+    let args: Vec<ffi::RStr> = args.iter().map(|a| a.inner).collect();
+    let ok = ffi::guard(false, || {
+        // SAFETY: OnLoad context; HANDLE_IO_ERRORS makes truncated RDB payloads an error we check
+        // (needed for diskless replica loading).
+        unsafe {
+            ffi::api!(RedisModule_SetModuleOptions)(ctx, redis_module::raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as i32)
+        };
+        // SAFETY: OnLoad context; replaces the crate's default INFO callback with ours.
+        unsafe { ffi::api!(RedisModule_RegisterInfoFunc)(ctx, Some(stats::info)) };
+        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx)
+    });
+    if ok {
+        Status::Ok
+    } else {
+        Status::Err
+    }
+}
+
+redis_module! {
+    name: "tiercache",
+    version: 100,
+    allocator: (redis_module::alloc::RedisAlloc, redis_module::alloc::RedisAlloc),
+    data_types: [],
+    init: init,
+}

@@ -1,0 +1,154 @@
+//! TIERCACHE.SET, TIERCACHE.GET and TIERCACHE.META: writing, reading and describing one entry.
+
+use std::cell::RefCell;
+use std::os::raw::c_int;
+
+use tiercache_core::args::{parse_get, parse_set, Compression};
+use tiercache_core::entry::Storage;
+use tiercache_core::tags::TagList;
+use tiercache_core::{Encoding, Entry, NO_DEADLINE};
+
+use crate::config::{COMPRESS_MIN_SIZE, MAX_TAGS};
+use crate::emit::{KeyTtl, SetArgv};
+use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
+use crate::keys::{ReadKey, Slot, WriteKey};
+use crate::reply::{self, Value};
+use crate::stats;
+
+thread_local! {
+    /// Reused buffer for decompressing values on the main thread.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Larger scratch buffers are released after use rather than kept for the next GET.
+const SCRATCH_KEEP: usize = 1 << 20;
+
+/// TIERCACHE.SET key value [EX s | PX ms | EXAT unix-s | PXAT unix-ms] [KEEPTTL] [STALE s]
+///   [TAGS numtags tag [tag ...]] [NOCOMPRESS | ENCODING raw|lz4] [CREATED unix-ms]
+///
+/// Everything is validated and the entry is built before the key is touched, so an error changes
+/// nothing. The write is propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
+    if args.len() < 3 {
+        return reply::wrong_arity(ctx);
+    }
+    let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
+    let parsed = match parse_set(&opts, MAX_TAGS.get() as usize) {
+        Ok(p) => p,
+        Err(e) => return reply::error(ctx, &e.to_string()),
+    };
+    let now = now_ms();
+    let deadlines = match parsed.deadlines(now) {
+        Ok(d) => d,
+        Err(e) => return reply::error(ctx, &e.to_string()),
+    };
+    let storage = match parsed.compression {
+        Compression::Auto => Storage::Auto { compress_min_size: COMPRESS_MIN_SIZE.get() as usize },
+        Compression::Verbatim(encoding) => Storage::Verbatim(encoding),
+    };
+    let tags = TagList::new(parsed.tags.iter().copied());
+    let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
+        Ok(e) => e,
+        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+    };
+
+    let mut key = WriteKey::open(ctx, args[1]);
+    if let Slot::WrongType = key.slot() {
+        return reply::wrong_type(ctx);
+    }
+    let (expire_at, key_ttl) = if parsed.keep_ttl {
+        (key.expire_at(), KeyTtl::Keep)
+    } else {
+        (deadlines.expire_at, KeyTtl::Stale(parsed.stale_ms))
+    };
+    let effect = SetArgv::new(ctx, args[1], &entry, key_ttl);
+    if let Err(msg) = key.store(Box::new(entry), expire_at) {
+        return reply::error(ctx, msg);
+    }
+    drop(key);
+    effect.replicate();
+    // SAFETY: live command context and key name; the event name is a C string.
+    unsafe {
+        api!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_MODULE, c"tiercache.set".as_ptr(), args[1]);
+    }
+    stats::SETS.bump();
+    reply::ok(ctx)
+}
+
+/// TIERCACHE.GET key [ENCODED]
+///
+/// The hot path: one key lookup, no RedisModule_Call, and the reply is written straight from the
+/// stored buffer (raw entries) or from a reused decompression buffer (lz4 entries).
+pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
+    let encoded = match args.len() {
+        2 => false,
+        n if n > 2 => {
+            let opts: Vec<&[u8]> = args[2..].iter().map(|&s| bytes(s)).collect();
+            match parse_get(&opts) {
+                Ok(g) => g.encoded,
+                Err(e) => return reply::error(ctx, &e.to_string()),
+            }
+        }
+        _ => return reply::wrong_arity(ctx),
+    };
+    let key = ReadKey::open(ctx, args[1]);
+    let entry = match key.slot() {
+        Slot::Entry(e) if e.is_fresh(now_ms()) => e,
+        Slot::WrongType => return reply::wrong_type(ctx),
+        Slot::Empty | Slot::Entry(_) => {
+            stats::MISSES.bump();
+            return reply::null(ctx);
+        }
+    };
+    stats::HITS.bump();
+    if encoded {
+        reply::array(ctx, 2);
+        reply::bulk(ctx, entry.encoding().name().as_bytes());
+        return reply::bulk(ctx, entry.stored());
+    }
+    match entry.encoding() {
+        Encoding::Raw => reply::bulk(ctx, entry.stored()),
+        Encoding::Lz4 => SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let rc = match entry.value_into(&mut scratch) {
+                Ok(v) => reply::bulk(ctx, v),
+                Err(e) => reply::error(ctx, &format!("ERR stored value is unreadable: {e}")),
+            };
+            if scratch.capacity() > SCRATCH_KEEP {
+                *scratch = Vec::new();
+            }
+            rc
+        }),
+    }
+}
+
+/// TIERCACHE.META key
+pub fn meta(ctx: Ctx, args: &[RStr]) -> c_int {
+    if args.len() != 2 {
+        return reply::wrong_arity(ctx);
+    }
+    let key = ReadKey::open(ctx, args[1]);
+    let e = match key.slot() {
+        Slot::Entry(e) => e,
+        Slot::Empty => return reply::null(ctx),
+        Slot::WrongType => return reply::wrong_type(ctx),
+    };
+    let now = now_ms();
+    let expire_at = key.expire_at();
+    let stale_ttl = if expire_at == NO_DEADLINE { NO_DEADLINE } else { expire_at.saturating_sub(now).max(0) };
+    reply::pairs(
+        ctx,
+        &[
+            ("state", Value::Str(if e.is_fresh(now) { "fresh" } else { "stale" })),
+            ("fresh_ttl_ms", Value::Int(e.fresh_ttl_ms(now))),
+            ("stale_ttl_ms", Value::Int(stale_ttl)),
+            ("fresh_until_ms", Value::Int(e.fresh_until())),
+            ("expire_at_ms", Value::Int(expire_at)),
+            ("tags", Value::BulkList(e.tags().iter().collect())),
+            ("encoding", Value::Str(e.encoding().name())),
+            ("size", Value::Int(e.size() as i64)),
+            ("stored_size", Value::Int(e.stored().len() as i64)),
+            ("created_ms", Value::Int(e.created())),
+        ],
+    )
+}

@@ -1,0 +1,112 @@
+//! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`.
+//!
+//! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
+//! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
+//! are enforced by Redis; registration and load-argument errors stop the module from loading.
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_longlong, c_void};
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
+
+use redis_module::raw;
+use tiercache_core::num::parse_i64;
+
+use crate::ffi::{api, bytes, log, Ctx, RStr, ERR, OK};
+
+/// One numeric config.
+pub struct Numeric {
+    /// Name without the `tiercache.` prefix.
+    pub name: &'static CStr,
+    pub min: i64,
+    pub max: i64,
+    value: AtomicI64,
+}
+
+impl Numeric {
+    const fn new(name: &'static CStr, default: i64, min: i64, max: i64) -> Self {
+        Numeric { name, min, max, value: AtomicI64::new(default) }
+    }
+
+    #[inline]
+    pub fn get(&self) -> i64 {
+        self.value.load(Relaxed)
+    }
+}
+
+/// Values of at least this many bytes are lz4-compressed when that saves 10 %.
+pub static COMPRESS_MIN_SIZE: Numeric = Numeric::new(c"compress-min-size", 1024, 0, 512 * 1024 * 1024);
+/// Most tags one entry may carry.
+pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, 1024);
+
+static ALL: [&Numeric; 2] = [&COMPRESS_MIN_SIZE, &MAX_TAGS];
+
+unsafe extern "C" fn get_numeric(_name: *const c_char, privdata: *mut c_void) -> c_longlong {
+    // SAFETY: privdata is the &'static Numeric given at registration.
+    let cfg = unsafe { &*privdata.cast::<Numeric>() };
+    cfg.get()
+}
+
+unsafe extern "C" fn set_numeric(_name: *const c_char, val: c_longlong, privdata: *mut c_void, _err: *mut RStr) -> c_int {
+    // SAFETY: privdata is the &'static Numeric given at registration; Redis checked the bounds.
+    let cfg = unsafe { &*privdata.cast::<Numeric>() };
+    cfg.value.store(val, Relaxed);
+    OK
+}
+
+fn find(name: &[u8]) -> Option<&'static Numeric> {
+    let name = name.strip_prefix(b"tiercache.").unwrap_or(name);
+    ALL.iter().copied().find(|c| c.name.to_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Applies loadmodule arguments (`name value` pairs), registers every config and loads the values
+/// given in redis.conf or on the command line. Returns false (module refuses to load) on any error.
+pub fn register(ctx: Ctx, args: &[RStr]) -> bool {
+    if args.len() % 2 != 0 {
+        log(ctx, "warning", "tiercache: module arguments must be name value pairs, e.g. max-tags 16");
+        return false;
+    }
+    for pair in args.chunks(2) {
+        let (name, value) = (bytes(pair[0]), bytes(pair[1]));
+        let Some(cfg) = find(name) else {
+            log(ctx, "warning", &format!("tiercache: unknown module argument '{}'", String::from_utf8_lossy(name)));
+            return false;
+        };
+        match parse_i64(value) {
+            Some(v) if (cfg.min..=cfg.max).contains(&v) => cfg.value.store(v, Relaxed),
+            _ => {
+                log(ctx, "warning", &format!(
+                    "tiercache: {} must be an integer from {} to {}",
+                    cfg.name.to_string_lossy(), cfg.min, cfg.max
+                ));
+                return false;
+            }
+        }
+    }
+    for cfg in ALL {
+        // SAFETY: OnLoad context; the name is a C string; privdata points to a 'static config.
+        let rc = unsafe {
+            api!(RedisModule_RegisterNumericConfig)(
+                ctx,
+                cfg.name.as_ptr(),
+                cfg.get(),
+                raw::REDISMODULE_CONFIG_DEFAULT,
+                cfg.min,
+                cfg.max,
+                Some(get_numeric),
+                Some(set_numeric),
+                None,
+                (cfg as *const Numeric).cast_mut().cast(),
+            )
+        };
+        if rc != OK {
+            log(ctx, "warning", &format!("tiercache: cannot register config {}", cfg.name.to_string_lossy()));
+            return false;
+        }
+    }
+    // SAFETY: OnLoad context, after every config is registered.
+    if unsafe { api!(RedisModule_LoadConfigs)(ctx) } == ERR {
+        log(ctx, "warning", "tiercache: invalid tiercache.* value in the server configuration");
+        return false;
+    }
+    true
+}

@@ -1,0 +1,202 @@
+//! The `tiercache` data type: RDB save/load through Redis's own primitives (layout and version in
+//! `tiercache_core::persist`), AOF rewrite, DEBUG DIGEST, MEMORY USAGE, COPY and free.
+
+use std::os::raw::{c_int, c_void};
+
+use redis_module::raw;
+use tiercache_core::persist::{self, LoadError, Sink, Source};
+use tiercache_core::Entry;
+
+use crate::emit::{KeyTtl, SetArgv};
+use crate::ffi::{api, guard, Ctx, RStr};
+use crate::stats;
+
+/// The name Redis stores in RDB files (exactly 9 characters).
+pub const TYPE_NAME: &std::ffi::CStr = c"tiercache";
+
+/// Registers the type; call from OnLoad only.
+pub fn register(ctx: Ctx) -> bool {
+    let mut methods = raw::RedisModuleTypeMethods {
+        // Version 3 callbacks only (free_effort, unlink, copy): all present in Redis 7.0.
+        version: 3,
+        rdb_load: Some(rdb_load),
+        rdb_save: Some(rdb_save),
+        aof_rewrite: Some(aof_rewrite),
+        mem_usage: Some(mem_usage),
+        digest: Some(digest),
+        free: Some(free),
+        aux_load: None,
+        aux_save: None,
+        aux_save_triggers: 0,
+        free_effort: Some(free_effort),
+        unlink: None,
+        copy: Some(copy),
+        defrag: None,
+        mem_usage2: None,
+        free_effort2: None,
+        unlink2: None,
+        copy2: None,
+        aux_save2: None,
+    };
+    // SAFETY: called during OnLoad with the load context; Redis copies the methods struct.
+    let t = unsafe {
+        api!(RedisModule_CreateDataType)(ctx, TYPE_NAME.as_ptr(), persist::ENCODING_VERSION, &mut methods)
+    };
+    if t.is_null() {
+        return false;
+    }
+    crate::keys::set_type(t);
+    true
+}
+
+/// Borrows the entry behind a value pointer handed to a type callback.
+///
+/// # Safety
+/// `v` must be a value of our type: a pointer made by `Box::into_raw(Box<Entry>)` that Redis still owns.
+unsafe fn entry<'a>(v: *const c_void) -> Option<&'a Entry> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { v.cast::<Entry>().as_ref() }
+}
+
+struct Rdb(*mut raw::RedisModuleIO);
+
+impl Rdb {
+    fn check<T>(&self, v: T) -> Result<T, LoadError> {
+        // SAFETY: self.0 is the live IO handle of this load.
+        if unsafe { api!(RedisModule_IsIOError)(self.0) } != 0 {
+            Err(LoadError::Io)
+        } else {
+            Ok(v)
+        }
+    }
+}
+
+impl Sink for Rdb {
+    fn put_unsigned(&mut self, v: u64) {
+        // SAFETY: live IO handle of this save.
+        unsafe { api!(RedisModule_SaveUnsigned)(self.0, v) }
+    }
+    fn put_signed(&mut self, v: i64) {
+        // SAFETY: live IO handle of this save.
+        unsafe { api!(RedisModule_SaveSigned)(self.0, v) }
+    }
+    fn put_bytes(&mut self, v: &[u8]) {
+        // SAFETY: live IO handle; Redis copies `len` bytes.
+        unsafe { api!(RedisModule_SaveStringBuffer)(self.0, v.as_ptr().cast(), v.len()) }
+    }
+}
+
+impl Source for Rdb {
+    fn get_unsigned(&mut self) -> Result<u64, LoadError> {
+        // SAFETY: live IO handle of this load; errors are reported through IsIOError.
+        let v = unsafe { api!(RedisModule_LoadUnsigned)(self.0) };
+        self.check(v)
+    }
+    fn get_signed(&mut self) -> Result<i64, LoadError> {
+        // SAFETY: as above.
+        let v = unsafe { api!(RedisModule_LoadSigned)(self.0) };
+        self.check(v)
+    }
+    fn get_bytes(&mut self) -> Result<Vec<u8>, LoadError> {
+        let mut len = 0usize;
+        // SAFETY: as above; a non-null result is a Redis allocation of `len` bytes we must free.
+        let p = unsafe { api!(RedisModule_LoadStringBuffer)(self.0, &mut len) };
+        if p.is_null() {
+            return Err(LoadError::Io);
+        }
+        // SAFETY: p points to `len` readable bytes until freed just below.
+        let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) }.to_vec();
+        // SAFETY: p came from the Redis allocator and is freed once.
+        unsafe { api!(RedisModule_Free)(p.cast()) };
+        self.check(v)
+    }
+}
+
+unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mut c_void {
+    guard(std::ptr::null_mut(), || match persist::load(&mut Rdb(io), encver) {
+        Ok(e) => {
+            stats::entry_added(&e);
+            Box::into_raw(Box::new(e)).cast()
+        }
+        Err(err) => {
+            let msg = std::ffi::CString::new(format!("tiercache: cannot load entry: {err}")).unwrap_or_default();
+            // SAFETY: live IO handle; one %s argument.
+            unsafe { api!(RedisModule_LogIOError)(io, c"warning".as_ptr(), c"%s".as_ptr(), msg.as_ptr()) };
+            std::ptr::null_mut()
+        }
+    })
+}
+
+unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
+    guard((), || {
+        // SAFETY: Redis passes a value of our type.
+        if let Some(e) = unsafe { entry(value) } {
+            persist::save(e, &mut Rdb(io));
+        }
+    })
+}
+
+unsafe extern "C" fn aof_rewrite(aof: *mut raw::RedisModuleIO, key: RStr, value: *mut c_void) {
+    guard((), || {
+        // SAFETY: Redis passes a value of our type.
+        if let Some(e) = unsafe { entry(value) } {
+            // Redis appends its own PEXPIREAT for keys with a TTL after our output, so keep the TTL
+            // out of the SET (KEEPTTL on a new key means none).
+            SetArgv::new(std::ptr::null_mut(), key, e, KeyTtl::Keep).emit_aof(aof);
+        }
+    })
+}
+
+unsafe extern "C" fn mem_usage(value: *const c_void) -> usize {
+    // SAFETY: Redis passes a value of our type.
+    guard(0, || unsafe { entry(value) }.map_or(0, Entry::mem_usage))
+}
+
+unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void) {
+    guard((), || {
+        // SAFETY: Redis passes a value of our type and a live digest.
+        let Some(e) = (unsafe { entry(value) }) else { return };
+        unsafe {
+            let add = api!(RedisModule_DigestAddStringBuffer);
+            let add_ll = api!(RedisModule_DigestAddLongLong);
+            add_ll(md, e.encoding() as i64);
+            add_ll(md, e.fresh_until());
+            add_ll(md, e.created());
+            add_ll(md, e.size() as i64);
+            add(md, e.stored().as_ptr().cast_mut().cast(), e.stored().len());
+            for t in e.tags().iter() {
+                add(md, t.as_ptr().cast_mut().cast(), t.len());
+            }
+            api!(RedisModule_DigestEndSequence)(md);
+        }
+    })
+}
+
+unsafe extern "C" fn free(value: *mut c_void) {
+    guard((), || {
+        if !value.is_null() {
+            // SAFETY: Redis hands back ownership of a pointer made by Box::into_raw(Box<Entry>), once.
+            let e = unsafe { Box::from_raw(value.cast::<Entry>()) };
+            stats::entry_removed(&e);
+        }
+    })
+}
+
+/// One allocation pair per entry: always cheap enough to free on the main thread.
+unsafe extern "C" fn free_effort(_key: RStr, _value: *const c_void) -> usize {
+    1
+}
+
+unsafe extern "C" fn copy(_from: RStr, _to: RStr, value: *const c_void) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        // SAFETY: Redis passes a value of our type.
+        match unsafe { entry(value) } {
+            Some(e) => {
+                let e = Box::new(e.clone());
+                stats::entry_added(&e);
+                Box::into_raw(e).cast()
+            }
+            None => std::ptr::null_mut(),
+        }
+    })
+}

@@ -1,0 +1,137 @@
+//! The one place that opens keys. A key handle closes itself on drop; entries are read through
+//! [`Slot`] and replaced through [`WriteKey::store`].
+
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use redis_module::raw;
+use tiercache_core::{Entry, NO_DEADLINE};
+
+use crate::ffi::{api, Ctx, RStr};
+
+/// The registered `tiercache` data type (set once during load).
+static TYPE: AtomicPtr<raw::RedisModuleType> = AtomicPtr::new(std::ptr::null_mut());
+
+pub fn set_type(t: *mut raw::RedisModuleType) {
+    TYPE.store(t, Ordering::Release);
+}
+
+pub fn data_type() -> *mut raw::RedisModuleType {
+    TYPE.load(Ordering::Relaxed)
+}
+
+/// What a key holds.
+pub enum Slot<'a> {
+    Empty,
+    Entry(&'a Entry),
+    WrongType,
+}
+
+struct Handle(*mut raw::RedisModuleKey);
+
+impl Handle {
+    fn open(ctx: Ctx, name: RStr, mode: c_int) -> Self {
+        // SAFETY: ctx and name are live for the current command; OpenKey returns a handle we close on drop.
+        Handle(unsafe { api!(RedisModule_OpenKey)(ctx, name, mode).cast() })
+    }
+
+    fn slot(&self) -> Slot<'_> {
+        if self.0.is_null() {
+            return Slot::Empty;
+        }
+        // SAFETY: self.0 is an open key handle.
+        let kind = unsafe { api!(RedisModule_KeyType)(self.0) };
+        if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
+            return Slot::Empty;
+        }
+        // SAFETY: as above; ModuleTypeGetType returns null for non-module keys.
+        if kind != raw::REDISMODULE_KEYTYPE_MODULE as c_int
+            || unsafe { api!(RedisModule_ModuleTypeGetType)(self.0) } != data_type()
+        {
+            return Slot::WrongType;
+        }
+        // SAFETY: the key holds our type, whose values are always `Box<Entry>` pointers that stay
+        // valid while the key is open and unmodified (the borrow of self enforces that).
+        let v = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) } as *const Entry;
+        match unsafe { v.as_ref() } {
+            Some(e) => Slot::Entry(e),
+            None => Slot::Empty,
+        }
+    }
+
+    /// Absolute expiry of the key in unix ms, or NO_DEADLINE.
+    fn expire_at(&self) -> i64 {
+        if self.0.is_null() {
+            return NO_DEADLINE;
+        }
+        // SAFETY: open key handle; GetAbsExpire exists since Redis 6.2.
+        let at = unsafe { api!(RedisModule_GetAbsExpire)(self.0) };
+        if at == raw::REDISMODULE_NO_EXPIRE as i64 { NO_DEADLINE } else { at }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the handle is open and closed exactly once, here. Closing a write handle signals
+            // the key as modified (WATCH, client tracking).
+            unsafe { api!(RedisModule_CloseKey)(self.0) };
+        }
+    }
+}
+
+/// A key opened for reading.
+pub struct ReadKey(Handle);
+
+impl ReadKey {
+    #[inline]
+    pub fn open(ctx: Ctx, name: RStr) -> Self {
+        ReadKey(Handle::open(ctx, name, raw::REDISMODULE_READ as c_int))
+    }
+
+    #[inline]
+    pub fn slot(&self) -> Slot<'_> {
+        self.0.slot()
+    }
+
+    pub fn expire_at(&self) -> i64 {
+        self.0.expire_at()
+    }
+}
+
+/// A key opened for writing.
+pub struct WriteKey(Handle);
+
+impl WriteKey {
+    pub fn open(ctx: Ctx, name: RStr) -> Self {
+        WriteKey(Handle::open(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int))
+    }
+
+    pub fn slot(&self) -> Slot<'_> {
+        self.0.slot()
+    }
+
+    pub fn expire_at(&self) -> i64 {
+        self.0.expire_at()
+    }
+
+    /// Replaces whatever the key holds with `entry` and sets its absolute expiry (NO_DEADLINE: none).
+    /// Redis frees the old value (our `free` callback) and drops its TTL first.
+    pub fn store(&mut self, entry: Box<Entry>, expire_at: i64) -> Result<(), &'static str> {
+        crate::stats::entry_added(&entry);
+        let ptr = Box::into_raw(entry);
+        // SAFETY: open write handle; on success Redis owns `ptr` and will hand it to our free callback.
+        let rc = unsafe { api!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr.cast::<c_void>()) };
+        if rc != raw::REDISMODULE_OK as c_int {
+            // SAFETY: Redis did not take ownership; reclaim the box so it is freed exactly once.
+            let entry = unsafe { Box::from_raw(ptr) };
+            crate::stats::entry_removed(&entry);
+            return Err("ERR tiercache could not store the entry");
+        }
+        if expire_at != NO_DEADLINE {
+            // SAFETY: open write handle holding a value; SetAbsExpire exists since Redis 6.2.
+            unsafe { api!(RedisModule_SetAbsExpire)(self.0 .0, expire_at) };
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! The module's counters, shown by `TIERCACHE.STATS` and `INFO tiercache` (section `tiercache_stats`).
+//!
+//! Request counters are only touched on Redis's main thread, so they are bumped with a plain
+//! load + store (no locked instruction on the hot path). Entry gauges are also decremented from the
+//! `free` callback, which Redis may run on its lazy-free thread, so they use real atomic adds.
+
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use redis_module::raw;
+use tiercache_core::{Encoding, Entry};
+
+use crate::ffi::api;
+use crate::reply::Value;
+
+/// A counter written only from the main thread.
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Self {
+        Counter(AtomicU64::new(0))
+    }
+    #[inline]
+    pub fn bump(&self) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(1), Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+pub static HITS: Counter = Counter::new();
+pub static MISSES: Counter = Counter::new();
+pub static SETS: Counter = Counter::new();
+
+static ENTRIES: AtomicI64 = AtomicI64::new(0);
+static COMPRESSED: AtomicI64 = AtomicI64::new(0);
+static BYTES_ORIGINAL: AtomicI64 = AtomicI64::new(0);
+static BYTES_STORED: AtomicI64 = AtomicI64::new(0);
+
+fn account(e: &Entry, sign: i64) {
+    ENTRIES.fetch_add(sign, Relaxed);
+    if e.encoding() == Encoding::Lz4 {
+        COMPRESSED.fetch_add(sign, Relaxed);
+    }
+    BYTES_ORIGINAL.fetch_add(sign * e.size() as i64, Relaxed);
+    BYTES_STORED.fetch_add(sign * e.stored().len() as i64, Relaxed);
+}
+
+/// An entry now belongs to the keyspace (SET, RDB load, COPY).
+pub fn entry_added(e: &Entry) {
+    account(e, 1);
+}
+
+/// An entry left the keyspace (our `free` callback).
+pub fn entry_removed(e: &Entry) {
+    account(e, -1);
+}
+
+/// All fields, in display order.
+pub fn fields() -> [(&'static str, Value<'static>); 7] {
+    [
+        ("entries", Value::Int(ENTRIES.load(Relaxed))),
+        ("compressed_entries", Value::Int(COMPRESSED.load(Relaxed))),
+        ("bytes_original", Value::Int(BYTES_ORIGINAL.load(Relaxed))),
+        ("bytes_stored", Value::Int(BYTES_STORED.load(Relaxed))),
+        ("hits", Value::Int(HITS.get() as i64)),
+        ("misses", Value::Int(MISSES.get() as i64)),
+        ("sets", Value::Int(SETS.get() as i64)),
+    ]
+}
+
+/// The INFO callback: one section, `tiercache_stats`.
+pub extern "C" fn info(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+    crate::ffi::guard((), || {
+        // SAFETY: ctx is the live info context of this call; names are valid C strings.
+        unsafe {
+            api!(RedisModule_InfoAddSection)(ctx, c"stats".as_ptr());
+            for (name, v) in fields() {
+                if let Value::Int(i) = v {
+                    let name = std::ffi::CString::new(name).unwrap_or_default();
+                    api!(RedisModule_InfoAddFieldLongLong)(ctx, name.as_ptr(), i);
+                }
+            }
+        }
+    })
+}
