@@ -7,7 +7,7 @@ use redis_module::raw;
 use tiercache_core::persist::{self, LoadError, Sink, Source};
 use tiercache_core::Entry;
 
-use crate::emit::{KeyTtl, SetArgv};
+use crate::emit::SetArgv;
 use crate::ffi::{api, guard, Ctx, RStr};
 use crate::stats;
 
@@ -142,7 +142,7 @@ unsafe extern "C" fn aof_rewrite(aof: *mut raw::RedisModuleIO, key: RStr, value:
         if let Some(e) = unsafe { entry(value) } {
             // Redis appends its own PEXPIREAT for keys with a TTL after our output, so keep the TTL
             // out of the SET (KEEPTTL on a new key means none).
-            SetArgv::new(std::ptr::null_mut(), key, e, KeyTtl::Keep).emit_aof(aof);
+            SetArgv::for_aof(key, e).emit_aof(aof);
         }
     })
 }

@@ -16,15 +16,28 @@ pub enum KeyTtl {
     Keep,
 }
 
-/// A SET argument vector; strings we created are freed on drop, the borrowed key is not.
+/// A SET argument vector; strings we created are freed on drop, a borrowed key is not.
 pub struct SetArgv {
     ctx: Ctx,
     argv: Vec<RStr>,
+    owns_key: bool,
 }
 
 impl SetArgv {
+    /// The SET for a command's own key (`key` is an argv string, retained by Redis as needed).
     pub fn new(ctx: Ctx, key: RStr, entry: &Entry, ttl: KeyTtl) -> Self {
-        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()) };
+        Self::build(ctx, key, false, entry, ttl)
+    }
+
+    /// The SET for an AOF rewrite. Redis hands the rewrite callback a key string that lives on its
+    /// stack and must not be retained, so the key is copied.
+    pub fn for_aof(key: RStr, entry: &Entry) -> Self {
+        let ctx = std::ptr::null_mut();
+        Self::build(ctx, new_string(ctx, crate::ffi::bytes(key)), true, entry, KeyTtl::Keep)
+    }
+
+    fn build(ctx: Ctx, key: RStr, owns_key: bool, entry: &Entry, ttl: KeyTtl) -> Self {
+        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()), owns_key };
         a.argv.push(key);
         a.bytes(entry.stored());
         a.bytes(b"ENCODING");
@@ -83,7 +96,8 @@ impl SetArgv {
 
 impl Drop for SetArgv {
     fn drop(&mut self) {
-        for &s in &self.argv[1..] {
+        let skip = usize::from(!self.owns_key);
+        for &s in &self.argv[skip..] {
             free_string(self.ctx, s);
         }
     }
