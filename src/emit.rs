@@ -2,11 +2,11 @@
 //! or from the AOF — the stored (already compressed) bytes with `ENCODING`, the absolute fresh deadline
 //! (`PXAT`), the creation time and the tags. Relative inputs (EX/PX) are never sent on.
 
-use std::os::raw::c_char;
+use std::sync::OnceLock;
 
-use tiercache_core::{Entry, NO_DEADLINE};
+use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
-use crate::ffi::{api, free_string, new_string, Ctx, RStr};
+use crate::ffi::{api, bytes, free_string, new_string, Ctx, RStr};
 
 /// What to say about the key's own TTL.
 pub enum KeyTtl {
@@ -16,70 +16,126 @@ pub enum KeyTtl {
     Keep,
 }
 
-/// A SET argument vector; strings we created are freed on drop, a borrowed key is not.
+/// The option words, created once and shared by every SET we propagate (Redis only adds references).
+struct Words {
+    encoding: RStr,
+    raw: RStr,
+    lz4: RStr,
+    pxat: RStr,
+    stale: RStr,
+    keepttl: RStr,
+    created: RStr,
+    tags: RStr,
+}
+
+// SAFETY: the strings are immutable and never freed; Redis only touches their reference counts, on the
+// main thread (replication) or in a forked rewrite child (AOF), never concurrently.
+unsafe impl Send for Words {}
+unsafe impl Sync for Words {}
+
+static WORDS: OnceLock<Words> = OnceLock::new();
+
+fn words() -> &'static Words {
+    WORDS.get_or_init(|| {
+        let w = |s: &[u8]| new_string(std::ptr::null_mut(), s);
+        Words {
+            encoding: w(b"ENCODING"),
+            raw: w(b"raw"),
+            lz4: w(b"lz4"),
+            pxat: w(b"PXAT"),
+            stale: w(b"STALE"),
+            keepttl: w(b"KEEPTTL"),
+            created: w(b"CREATED"),
+            tags: w(b"TAGS"),
+        }
+    })
+}
+
+/// Creates the shared words; call from OnLoad so no command pays for it.
+pub fn init() {
+    words();
+}
+
+/// A SET argument vector. Strings it created are freed on drop; borrowed ones (the command's own key
+/// and value, the shared words) are not.
 pub struct SetArgv {
     ctx: Ctx,
     argv: Vec<RStr>,
-    owns_key: bool,
+    owned: Vec<RStr>,
 }
 
 impl SetArgv {
-    /// The SET for a command's own key (`key` is an argv string, retained by Redis as needed).
-    pub fn new(ctx: Ctx, key: RStr, entry: &Entry, ttl: KeyTtl) -> Self {
-        Self::build(ctx, key, false, entry, ttl)
+    /// The SET for a command's own `key`. `value` is the command's value argument when the entry stores
+    /// it unchanged (no compression applied here), which saves a copy.
+    pub fn new(ctx: Ctx, key: RStr, value: Option<RStr>, entry: &Entry, ttl: KeyTtl) -> Self {
+        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()), owned: Vec::new() };
+        a.argv.push(key);
+        a.fill(value, entry, ttl);
+        a
     }
 
     /// The SET for an AOF rewrite. Redis hands the rewrite callback a key string that lives on its
     /// stack and must not be retained, so the key is copied.
     pub fn for_aof(key: RStr, entry: &Entry) -> Self {
-        let ctx = std::ptr::null_mut();
-        Self::build(ctx, new_string(ctx, crate::ffi::bytes(key)), true, entry, KeyTtl::Keep)
-    }
-
-    fn build(ctx: Ctx, key: RStr, owns_key: bool, entry: &Entry, ttl: KeyTtl) -> Self {
-        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()), owns_key };
-        a.argv.push(key);
-        a.bytes(entry.stored());
-        a.bytes(b"ENCODING");
-        a.bytes(entry.encoding().name().as_bytes());
-        if entry.fresh_until() != NO_DEADLINE {
-            a.bytes(b"PXAT");
-            a.int(entry.fresh_until());
-        }
-        match ttl {
-            KeyTtl::Stale(ms) if entry.fresh_until() != NO_DEADLINE && ms > 0 => {
-                a.bytes(b"STALE");
-                a.int(ms / 1000);
-            }
-            KeyTtl::Stale(_) => {}
-            KeyTtl::Keep => a.bytes(b"KEEPTTL"),
-        }
-        a.bytes(b"CREATED");
-        a.int(entry.created());
-        let tags = entry.tags();
-        if !tags.is_empty() {
-            a.bytes(b"TAGS");
-            a.int(tags.len() as i64);
-            for t in tags.iter() {
-                a.bytes(t);
-            }
-        }
+        let mut a = SetArgv { ctx: std::ptr::null_mut(), argv: Vec::with_capacity(12 + entry.tags().len()), owned: Vec::new() };
+        a.own_bytes(bytes(key));
+        a.fill(None, entry, KeyTtl::Keep);
         a
     }
 
-    fn bytes(&mut self, b: &[u8]) {
-        self.argv.push(new_string(self.ctx, b));
+    fn fill(&mut self, value: Option<RStr>, entry: &Entry, ttl: KeyTtl) {
+        let w = words();
+        match value {
+            Some(v) => self.argv.push(v),
+            None => self.own_bytes(entry.stored()),
+        }
+        self.argv.push(w.encoding);
+        self.argv.push(match entry.encoding() {
+            Encoding::Raw => w.raw,
+            Encoding::Lz4 => w.lz4,
+        });
+        if entry.fresh_until() != NO_DEADLINE {
+            self.argv.push(w.pxat);
+            self.own_int(entry.fresh_until());
+        }
+        match ttl {
+            KeyTtl::Stale(ms) if entry.fresh_until() != NO_DEADLINE && ms > 0 => {
+                self.argv.push(w.stale);
+                self.own_int(ms / 1000);
+            }
+            KeyTtl::Stale(_) => {}
+            KeyTtl::Keep => self.argv.push(w.keepttl),
+        }
+        self.argv.push(w.created);
+        self.own_int(entry.created());
+        let tags = entry.tags();
+        if !tags.is_empty() {
+            self.argv.push(w.tags);
+            self.own_int(tags.len() as i64);
+            for t in tags.iter() {
+                self.own_bytes(t);
+            }
+        }
     }
 
-    fn int(&mut self, v: i64) {
-        // SAFETY: creates a new string owned by us (freed on drop).
-        self.argv.push(unsafe { api!(RedisModule_CreateStringFromLongLong)(self.ctx, v) });
+    fn own(&mut self, s: RStr) {
+        self.argv.push(s);
+        self.owned.push(s);
+    }
+
+    fn own_bytes(&mut self, b: &[u8]) {
+        self.own(new_string(self.ctx, b));
+    }
+
+    fn own_int(&mut self, v: i64) {
+        // SAFETY: creates a new string, freed on drop.
+        self.own(unsafe { api!(RedisModule_CreateStringFromLongLong)(self.ctx, v) });
     }
 
     /// Propagates the SET to replicas and the AOF.
     pub fn replicate(&self) {
         // SAFETY: ctx is the live command context; the "v" format takes an array of strings and its
-        // length; Redis retains what it needs.
+        // length; Redis adds references to what it keeps.
         unsafe {
             api!(RedisModule_Replicate)(self.ctx, c"TIERCACHE.SET".as_ptr(), c"v".as_ptr(), self.argv.as_ptr(), self.argv.len());
         }
@@ -89,15 +145,14 @@ impl SetArgv {
     pub fn emit_aof(&self, aof: *mut redis_module::raw::RedisModuleIO) {
         // SAFETY: aof is the live rewrite IO handle; same "v" format as above.
         unsafe {
-            api!(RedisModule_EmitAOF)(aof, c"TIERCACHE.SET".as_ptr() as *const c_char, c"v".as_ptr(), self.argv.as_ptr(), self.argv.len());
+            api!(RedisModule_EmitAOF)(aof, c"TIERCACHE.SET".as_ptr(), c"v".as_ptr(), self.argv.as_ptr(), self.argv.len());
         }
     }
 }
 
 impl Drop for SetArgv {
     fn drop(&mut self) {
-        let skip = usize::from(!self.owns_key);
-        for &s in &self.argv[skip..] {
+        for &s in &self.owned {
             free_string(self.ctx, s);
         }
     }

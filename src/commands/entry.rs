@@ -61,7 +61,9 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     } else {
         (deadlines.expire_at, KeyTtl::Stale(parsed.stale_ms))
     };
-    let effect = SetArgv::new(ctx, args[1], &entry, key_ttl);
+    // The stored bytes are the value argument itself unless this SET compressed it.
+    let unchanged = !(matches!(storage, Storage::Auto { .. }) && entry.encoding() == Encoding::Lz4);
+    let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), &entry, key_ttl);
     if let Err(msg) = key.store(Box::new(entry), expire_at) {
         return reply::error(ctx, msg);
     }
@@ -93,7 +95,8 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     let key = ReadKey::open(ctx, args[1]);
     let entry = match key.slot() {
-        Slot::Entry(e) if e.is_fresh(now_ms()) => e,
+        // Entries without a deadline skip the clock read.
+        Slot::Entry(e) if e.fresh_until() == NO_DEADLINE || e.is_fresh(now_ms()) => e,
         Slot::WrongType => return reply::wrong_type(ctx),
         Slot::Empty | Slot::Entry(_) => {
             stats::MISSES.bump();
