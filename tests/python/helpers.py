@@ -1,0 +1,261 @@
+"""Shared helpers for the tiercache integration tests (imported by the test modules)."""
+
+from __future__ import annotations
+
+import re
+import struct
+import time
+from contextlib import contextmanager
+
+import lz4.block
+import pytest
+import redis
+
+# Field names and their order, exactly as SPEC.md lists them.
+META_FIELDS = [
+    "state",
+    "fresh_ttl_ms",
+    "stale_ttl_ms",
+    "fresh_until_ms",
+    "expire_at_ms",
+    "tags",
+    "encoding",
+    "size",
+    "stored_size",
+    "created_ms",
+]
+STATS_FIELDS = [
+    "entries",
+    "compressed_entries",
+    "bytes_original",
+    "bytes_stored",
+    "hits",
+    "misses",
+    "sets",
+]
+# META fields that do not move with the clock (the *_ttl_ms fields count down).
+STABLE_META_FIELDS = [f for f in META_FIELDS if f not in ("fresh_ttl_ms", "stale_ttl_ms")]
+
+DEFAULT_COMPRESS_MIN_SIZE = 1024
+DEFAULT_MAX_TAGS = 32
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def lz4_frame(value: bytes) -> bytes:
+    """The tiercache lz4 frame: 4-byte little-endian original length + one raw lz4 block."""
+    return struct.pack("<I", len(value)) + lz4.block.compress(value, store_size=False)
+
+
+def lz4_unframe(frame: bytes) -> bytes:
+    (size,) = struct.unpack("<I", frame[:4])
+    return lz4.block.decompress(frame[4:], uncompressed_size=size)
+
+
+def protocol_of(r: redis.Redis) -> int:
+    return int(r.connection_pool.connection_kwargs.get("protocol") or 2)
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def pairs_to_dict(reply, fields: list[str], protocol: int) -> dict:
+    """Checks the raw shape of a name/value reply (flat array under RESP2, map under RESP3, names in
+    `fields` order) and returns it as a dict with str keys (values untouched)."""
+    if protocol == 3:
+        assert isinstance(reply, dict), f"RESP3 reply should be a map, got {type(reply).__name__}: {reply!r}"
+        names = [_text(k) for k in reply.keys()]
+        assert names == fields, f"field names/order: {names}"
+        return {_text(k): v for k, v in reply.items()}
+    assert isinstance(reply, list), f"RESP2 reply should be a flat array, got {type(reply).__name__}: {reply!r}"
+    assert len(reply) == 2 * len(fields), f"flat array of {len(reply)} elements: {reply!r}"
+    names = [_text(k) for k in reply[0::2]]
+    assert names == fields, f"field names/order: {names}"
+    return dict(zip(names, reply[1::2]))
+
+
+def normalise(reply) -> dict | None:
+    """Turns a name/value reply (flat list or map) into a dict with str keys, without shape checks."""
+    if reply is None:
+        return None
+    if isinstance(reply, dict):
+        return {_text(k): v for k, v in reply.items()}
+    return {_text(k): v for k, v in zip(reply[0::2], reply[1::2])}
+
+
+def meta(r: redis.Redis, key) -> dict | None:
+    """TIERCACHE.META as a dict (None for a missing key), after checking the raw shape for the client's
+    protocol and the type of every field."""
+    raw = r.execute_command("TIERCACHE.META", key)
+    if raw is None:
+        return None
+    m = pairs_to_dict(raw, META_FIELDS, protocol_of(r))
+    assert m["state"] in (b"fresh", b"stale"), m
+    assert m["encoding"] in (b"raw", b"lz4"), m
+    for f in ("fresh_ttl_ms", "stale_ttl_ms", "fresh_until_ms", "expire_at_ms", "size", "stored_size", "created_ms"):
+        assert isinstance(m[f], int) and not isinstance(m[f], bool), (f, m[f])
+    assert isinstance(m["tags"], list), m
+    assert all(isinstance(t, bytes) for t in m["tags"]), m
+    return m
+
+
+def stable(m: dict | None) -> dict | None:
+    """The META fields that must survive a reload/restart/replication unchanged."""
+    if m is None:
+        return None
+    return {k: m[k] for k in STABLE_META_FIELDS}
+
+
+def stats(r: redis.Redis) -> dict:
+    raw = r.execute_command("TIERCACHE.STATS")
+    s = pairs_to_dict(raw, STATS_FIELDS, protocol_of(r))
+    for k, v in s.items():
+        assert isinstance(v, int) and v >= 0, (k, v)
+    return s
+
+
+def raw_command(r: redis.Redis, *args):
+    """Sends a command on a pool connection and returns the parser's reply, bypassing redis-py's
+    per-command response callbacks (INFO, CONFIG GET, ... are otherwise post-processed)."""
+    conn = r.connection_pool.get_connection()
+    try:
+        conn.send_command(*args)
+        return conn.read_response()
+    finally:
+        r.connection_pool.release(conn)
+
+
+def info_text(r: redis.Redis, section: str) -> str:
+    reply = raw_command(r, "INFO", section)
+    if hasattr(reply, "decode"):
+        return reply.decode()
+    return str(reply)
+
+
+def info_section(r: redis.Redis, section: str) -> dict[str, str]:
+    out = {}
+    for line in info_text(r, section).splitlines():
+        if line and not line.startswith("#") and ":" in line:
+            k, v = line.split(":", 1)
+            out[k] = v
+    return out
+
+
+def tc_set(r: redis.Redis, key, value, *opts):
+    return r.execute_command("TIERCACHE.SET", key, value, *opts)
+
+
+def tc_get(r: redis.Redis, key, *opts):
+    return r.execute_command("TIERCACHE.GET", key, *opts)
+
+
+def get_encoded(r: redis.Redis, key):
+    reply = r.execute_command("TIERCACHE.GET", key, "ENCODED")
+    if reply is None:
+        return None
+    assert isinstance(reply, list) and len(reply) == 2, reply
+    return reply
+
+
+def config_get(r: redis.Redis, name: str) -> bytes:
+    reply = raw_command(r, "CONFIG", "GET", name)
+    d = normalise(reply)
+    assert name in d, d
+    return d[name]
+
+
+def err_re(message: str) -> str:
+    """An anchored regex for an error line as redis-py reports it (redis-py strips the 'ERR ' code)."""
+    if message.startswith("ERR "):
+        message = message[4:]
+    return "^" + re.escape(message) + "$"
+
+
+@contextmanager
+def raises_exact(message: str, exc=redis.ResponseError):
+    with pytest.raises(exc, match=err_re(message)) as info:
+        yield info
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def compressible(n: int) -> bytes:
+    """n bytes of JSON-ish text that lz4 shrinks well."""
+    chunk = b'{"id":12345,"name":"tiercache","tags":["a","b"],"active":true},'
+    return (chunk * (n // len(chunk) + 1))[:n]
+
+
+def incompressible(n: int, seed: int = 1) -> bytes:
+    """n deterministic pseudo-random bytes (xorshift) that lz4 cannot shrink."""
+    x = (0x9E3779B97F4A7C15 ^ seed) & 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while len(out) < n:
+        x ^= (x << 13) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 7
+        x ^= (x << 17) & 0xFFFFFFFFFFFFFFFF
+        out += x.to_bytes(8, "little")
+    return bytes(out[:n])
+
+
+def pexpiretime(r: redis.Redis, key) -> int:
+    return r.execute_command("PEXPIRETIME", key)
+
+
+def populate(r, r_db1):
+    """A varied set of entries; returns the keys per db."""
+    at = now_ms() + 3_600_000
+    tc_set(r, b"plain", b"hello")
+    tc_set(r, b"tagged", b"v", "TAGS", 3, b"a", b"\x00b", b"\xff")
+    tc_set(r, b"ttl", b"v", "EX", 1000, "STALE", 60)
+    tc_set(r, b"pxat", b"v", "PXAT", at, "STALE", 5, "CREATED", 1234)
+    tc_set(r, b"comp", compressible(5000), "TAGS", 1, b"c")
+    tc_set(r, b"frame", lz4_frame(compressible(3000)), "ENCODING", "lz4")
+    tc_set(r, b"nocomp", compressible(5000), "NOCOMPRESS")
+    tc_set(r, b"noise", incompressible(3000))
+    tc_set(r, b"bin\x00key\xff", b"\x00\xff\x00", "TAGS", 1, b"\x00")
+    tc_set(r, b"empty", b"")
+    tc_set(r, b"stale", b"old", "PX", 50, "STALE", 100)
+    tc_set(r, b"keep", b"v1", "EX", 500)
+    tc_set(r, b"keep", b"v2", "PX", 200_000, "KEEPTTL")
+    tc_set(r, b"expired-later", b"v")
+    r.expire(b"expired-later", 900)
+    tc_set(r, b"persisted", b"v", "EX", 900, "STALE", 10)
+    r.persist(b"persisted")
+    tc_set(r_db1, b"db1", b"in db 1", "TAGS", 1, b"one", "EX", 800)
+    r.set(b"native", b"string")
+    time.sleep(0.1)  # b"stale" is now stale
+    return {0: [b"plain", b"tagged", b"ttl", b"pxat", b"comp", b"frame", b"nocomp", b"noise", b"bin\x00key\xff",
+                b"empty", b"stale", b"keep", b"expired-later", b"persisted"],
+            1: [b"db1"]}
+
+
+def capture(clients: dict, keys: dict):
+    """Everything that must survive a reload: stable META fields, GET, GET ENCODED, TTL, per key."""
+    out = {}
+    for db, ks in keys.items():
+        c = clients[db]
+        for k in ks:
+            m = meta(c, k)
+            assert m is not None, f"db {db} key {k!r} is missing"
+            out[(db, k)] = {
+                "meta": stable(m),
+                "get": tc_get(c, k, "ENCODED"),
+                "value": c.execute_command("TIERCACHE.GET", k),
+                "pexpiretime": pexpiretime(c, k),
+                "type": c.type(k),
+            }
+    return out
+
+
