@@ -5,6 +5,7 @@ use std::os::raw::c_int;
 
 use tiercache_core::args::{parse_get, parse_set, Compression};
 use tiercache_core::entry::Storage;
+use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
@@ -33,7 +34,10 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         return reply::wrong_arity(ctx);
     }
     let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
-    let parsed = match parse_set(&opts, MAX_TAGS.get() as usize) {
+    // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
+    // not be lost because this server's tiercache.max-tags is lower.
+    let max_tags = if replayed(ctx) { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
+    let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
         Err(e) => return reply::error(ctx, &e.to_string()),
     };
@@ -75,6 +79,13 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     }
     stats::SETS.bump();
     reply::ok(ctx)
+}
+
+/// True when the command comes from the master's stream or from AOF loading.
+fn replayed(ctx: Ctx) -> bool {
+    let flags = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+    // SAFETY: ctx is the live command context.
+    (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & flags) != 0
 }
 
 /// TIERCACHE.GET key [ENCODED]
