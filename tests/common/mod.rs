@@ -43,7 +43,10 @@ macro_rules! proto_tests {
     };
 }
 
-pub const REDIS_SERVER: &str = "/usr/bin/redis-server";
+/// The server binary: `$REDIS_SERVER`, else `redis-server` from PATH (what scripts/test checked).
+pub fn redis_server() -> String {
+    std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_string())
+}
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Field names of TIERCACHE.META, in the spec's order.
@@ -302,14 +305,14 @@ impl Server {
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
         let args = self.command_line();
-        let child = Command::new(REDIS_SERVER)
+        let child = Command::new(redis_server())
             .args(&args)
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("spawn {REDIS_SERVER}: {e}"))?;
+            .map_err(|e| format!("spawn {}: {e}", redis_server()))?;
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
