@@ -1,9 +1,11 @@
-//! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`.
+//! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`,
+//! `tiercache.reclaim-budget` and the string `tiercache.invalidation-channel`.
 //!
 //! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
 //! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
 //! are enforced by Redis; registration and load-argument errors stop the module from loading.
 
+use std::cell::RefCell;
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_longlong, c_void};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use redis_module::raw;
 use tiercache_core::num::parse_i64;
 
-use crate::ffi::{api, bytes, log, Ctx, RStr, ERR, OK};
+use crate::ffi::{api, bytes, free_string, guard, log, new_string, Ctx, RStr, ERR, OK};
 
 /// One numeric config.
 pub struct Numeric {
@@ -38,7 +40,50 @@ pub static COMPRESS_MIN_SIZE: Numeric = Numeric::new(c"compress-min-size", 1024,
 /// Most tags one entry may carry.
 pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, 1024);
 
-static ALL: [&Numeric; 2] = [&COMPRESS_MIN_SIZE, &MAX_TAGS];
+/// Invalidated entries deleted per reclaim tick (a tick also stops after about 1 ms).
+pub static RECLAIM_BUDGET: Numeric = Numeric::new(c"reclaim-budget", 1000, 1, 1_000_000);
+
+static ALL: [&Numeric; 3] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET];
+
+/// Name of the string config holding the invalidation channel.
+const CHANNEL: &CStr = c"invalidation-channel";
+const CHANNEL_DEFAULT: &CStr = c"tiercache:invalidations";
+
+thread_local! {
+    /// The channel as bytes, and as the Redis string CONFIG GET returns (configs change on the main thread).
+    static CHANNEL_VALUE: RefCell<(Vec<u8>, RStr)> = RefCell::new((CHANNEL_DEFAULT.to_bytes().to_vec(), std::ptr::null_mut()));
+}
+
+/// The channel TIERCACHE.INVALIDATE publishes on; empty: publishing is off.
+pub fn invalidation_channel() -> Vec<u8> {
+    CHANNEL_VALUE.with(|c| c.borrow().0.clone())
+}
+
+unsafe extern "C" fn get_channel(_name: *const c_char, _privdata: *mut c_void) -> RStr {
+    guard(std::ptr::null_mut(), || {
+        CHANNEL_VALUE.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.1.is_null() {
+                c.1 = new_string(std::ptr::null_mut(), &c.0);
+            }
+            c.1
+        })
+    })
+}
+
+unsafe extern "C" fn set_channel(_name: *const c_char, val: RStr, _privdata: *mut c_void, _err: *mut RStr) -> c_int {
+    guard(ERR, || {
+        let v = bytes(val).to_vec();
+        CHANNEL_VALUE.with(|c| {
+            let mut c = c.borrow_mut();
+            if !c.1.is_null() {
+                free_string(std::ptr::null_mut(), c.1);
+            }
+            *c = (v, std::ptr::null_mut());
+        });
+        OK
+    })
+}
 
 unsafe extern "C" fn get_numeric(_name: *const c_char, privdata: *mut c_void) -> c_longlong {
     // SAFETY: privdata is the &'static Numeric given at registration.
@@ -53,8 +98,12 @@ unsafe extern "C" fn set_numeric(_name: *const c_char, val: c_longlong, privdata
     OK
 }
 
+fn strip(name: &[u8]) -> &[u8] {
+    name.strip_prefix(b"tiercache.").unwrap_or(name)
+}
+
 fn find(name: &[u8]) -> Option<&'static Numeric> {
-    let name = name.strip_prefix(b"tiercache.").unwrap_or(name);
+    let name = strip(name);
     ALL.iter().copied().find(|c| c.name.to_bytes().eq_ignore_ascii_case(name))
 }
 
@@ -65,8 +114,19 @@ pub fn register(ctx: Ctx, args: &[RStr]) -> bool {
         log(ctx, "warning", "tiercache: module arguments must be name value pairs, e.g. max-tags 16");
         return false;
     }
+    let mut channel_default = CHANNEL_DEFAULT.to_owned();
     for pair in args.chunks(2) {
         let (name, value) = (bytes(pair[0]), bytes(pair[1]));
+        if strip(name).eq_ignore_ascii_case(CHANNEL.to_bytes()) {
+            match std::ffi::CString::new(value) {
+                Ok(v) => channel_default = v,
+                Err(_) => {
+                    log(ctx, "warning", "tiercache: invalidation-channel must not contain NUL bytes");
+                    return false;
+                }
+            }
+            continue;
+        }
         let Some(cfg) = find(name) else {
             log(ctx, "warning", &format!("tiercache: unknown module argument '{}'", String::from_utf8_lossy(name)));
             return false;
@@ -102,6 +162,24 @@ pub fn register(ctx: Ctx, args: &[RStr]) -> bool {
             log(ctx, "warning", &format!("tiercache: cannot register config {}", cfg.name.to_string_lossy()));
             return false;
         }
+    }
+    CHANNEL_VALUE.with(|c| c.borrow_mut().0 = channel_default.to_bytes().to_vec());
+    // SAFETY: OnLoad context; the default is a C string Redis copies; the callbacks are valid extern fns.
+    let rc = unsafe {
+        api!(RedisModule_RegisterStringConfig)(
+            ctx,
+            CHANNEL.as_ptr(),
+            channel_default.as_ptr(),
+            raw::REDISMODULE_CONFIG_DEFAULT,
+            Some(get_channel),
+            Some(set_channel),
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    if rc != OK {
+        log(ctx, "warning", "tiercache: cannot register config invalidation-channel");
+        return false;
     }
     // SAFETY: OnLoad context, after every config is registered.
     if unsafe { api!(RedisModule_LoadConfigs)(ctx) } == ERR {

@@ -1,15 +1,18 @@
 //! The `tiercache` data type: RDB save/load through Redis's own primitives (layout and version in
-//! `tiercache_core::persist`), AOF rewrite, DEBUG DIGEST, MEMORY USAGE, COPY and free.
+//! `tiercache_core::persist`), AOF rewrite, DEBUG DIGEST, MEMORY USAGE, COPY, unlink (which keeps the
+//! tag index exact on every delete path) and free.
 
 use std::os::raw::{c_int, c_void};
 
 use redis_module::raw;
 use tiercache_core::persist::{self, LoadError, Sink, Source};
+use tiercache_core::tags::{DEAD, PENDING};
 use tiercache_core::Entry;
 
 use crate::emit::SetArgv;
-use crate::ffi::{api, guard, Ctx, RStr};
+use crate::ffi::{api, bytes, guard, Ctx, RStr};
 use crate::stats;
+use crate::tagindex;
 
 /// The name Redis stores in RDB files (exactly 9 characters).
 pub const TYPE_NAME: &std::ffi::CStr = c"tiercache";
@@ -17,8 +20,8 @@ pub const TYPE_NAME: &std::ffi::CStr = c"tiercache";
 /// Registers the type; call from OnLoad only.
 pub fn register(ctx: Ctx) -> bool {
     let mut methods = raw::RedisModuleTypeMethods {
-        // Version 3 callbacks only (free_effort, unlink, copy): all present in Redis 7.0.
-        version: 3,
+        // Version 4 (unlink2/copy2 with key names and db ids) is what Redis 7.0 knows.
+        version: 4,
         rdb_load: Some(rdb_load),
         rdb_save: Some(rdb_save),
         aof_rewrite: Some(aof_rewrite),
@@ -30,12 +33,12 @@ pub fn register(ctx: Ctx) -> bool {
         aux_save_triggers: 0,
         free_effort: Some(free_effort),
         unlink: None,
-        copy: Some(copy),
+        copy: None,
         defrag: None,
         mem_usage2: None,
         free_effort2: None,
-        unlink2: None,
-        copy2: None,
+        unlink2: Some(unlink2),
+        copy2: Some(copy2),
         aux_save2: None,
     };
     // SAFETY: called during OnLoad with the load context; Redis copies the methods struct.
@@ -131,7 +134,9 @@ unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
     guard((), || {
         // SAFETY: Redis passes a value of our type.
         if let Some(e) = unsafe { entry(value) } {
-            persist::save(e, &mut Rdb(io));
+            // SAFETY: live IO handle; the db is that of the key being saved (-1 when unknown).
+            let db = unsafe { api!(RedisModule_GetDbIdFromIO)(io) };
+            persist::save(e, tagindex::is_dead(db, e.tags()), &mut Rdb(io));
         }
     })
 }
@@ -139,7 +144,10 @@ unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
 unsafe extern "C" fn aof_rewrite(aof: *mut raw::RedisModuleIO, key: RStr, value: *mut c_void) {
     guard((), || {
         // SAFETY: Redis passes a value of our type.
-        if let Some(e) = unsafe { entry(value) } {
+        // SAFETY: live IO handle of this rewrite.
+        let db = unsafe { api!(RedisModule_GetDbIdFromIO)(aof) };
+        // An invalidated entry is left out: replaying the AOF recreates only what readers can see.
+        if let Some(e) = unsafe { entry(value) }.filter(|e| !tagindex::is_dead(db, e.tags())) {
             // Redis appends its own PEXPIREAT for keys with a TTL after our output, so keep the TTL
             // out of the SET (KEEPTTL on a new key means none).
             SetArgv::for_aof(key, e).emit_aof(aof);
@@ -187,16 +195,40 @@ unsafe extern "C" fn free_effort(_key: RStr, _value: *const c_void) -> usize {
     1
 }
 
-unsafe extern "C" fn copy(_from: RStr, _to: RStr, value: *const c_void) -> *mut c_void {
-    guard(std::ptr::null_mut(), || {
-        // SAFETY: Redis passes a value of our type.
-        match unsafe { entry(value) } {
-            Some(e) => {
-                let e = Box::new(e.clone());
-                stats::entry_added(&e);
-                Box::into_raw(e).cast()
+/// The key leaves the keyspace (DEL, UNLINK, overwrite, RENAME/MOVE source, expiry, eviction): drop it
+/// from the tag index.
+unsafe extern "C" fn unlink2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c_void) {
+    guard((), || {
+        // SAFETY: Redis passes a live option context and a value of our type; nothing else references the
+        // value during this callback, so updating its tag epochs in place is sound.
+        unsafe {
+            let Some(e) = value.cast_mut().cast::<Entry>().as_mut() else { return };
+            if e.tags().is_empty() {
+                return;
             }
-            None => std::ptr::null_mut(),
+            let key = api!(RedisModule_GetKeyNameFromOptCtx)(ctx);
+            let db = api!(RedisModule_GetDbIdFromOptCtx)(ctx);
+            if let (false, Ok(db)) = (key.is_null(), usize::try_from(db)) {
+                tagindex::detach(db, bytes(key.cast_mut()), e);
+            }
         }
+    })
+}
+
+/// COPY: a clone whose tags are attached when the `copy_to` event names its key. A valid source gives
+/// a PENDING copy (it takes the destination database's epochs); an invalidated one a dead copy.
+unsafe extern "C" fn copy2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c_void) -> *mut c_void {
+    guard(std::ptr::null_mut(), || {
+        // SAFETY: Redis passes a value of our type and a live option context.
+        let Some(src) = (unsafe { entry(value) }) else { return std::ptr::null_mut() };
+        let mut copy = Box::new(src.clone());
+        if !copy.tags().is_empty() {
+            // SAFETY: live option context.
+            let from_db = unsafe { api!(RedisModule_GetDbIdFromOptCtx)(ctx) };
+            let dead = tagindex::is_dead(from_db, copy.tags());
+            copy.tags_mut().set_epochs(|_, _| if dead { DEAD } else { PENDING });
+        }
+        stats::entry_added(&copy);
+        Box::into_raw(copy).cast()
     })
 }

@@ -35,6 +35,18 @@ impl Handle {
         Handle(unsafe { api!(RedisModule_OpenKey)(ctx, name, mode).cast() })
     }
 
+    /// The entry behind an open key, for updating its tag epochs (module memory only: the keyspace is not
+    /// modified).
+    fn entry_mut(&mut self) -> Option<&mut Entry> {
+        match self.slot() {
+            Slot::Entry(_) => {}
+            _ => return None,
+        }
+        // SAFETY: the key holds our type (checked just above); the value is a live Box<Entry> that nothing
+        // else references while this handle is borrowed mutably.
+        unsafe { (api!(RedisModule_ModuleTypeGetValue)(self.0) as *mut Entry).as_mut() }
+    }
+
     fn slot(&self) -> Slot<'_> {
         if self.0.is_null() {
             return Slot::Empty;
@@ -99,6 +111,24 @@ impl ReadKey {
     }
 }
 
+/// Runs `f` on the entry stored at `name` without touching its LRU/LFU data (keyspace events,
+/// index rebuilds). Nothing in the keyspace changes.
+pub fn with_entry_mut<R>(ctx: Ctx, name: RStr, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+    let mut h = Handle::open(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_OPEN_KEY_NOTOUCH) as c_int);
+    h.entry_mut().map(f)
+}
+
+/// Like [`with_entry_mut`] for a key handle Redis already opened (RM_Scan callbacks).
+///
+/// # Safety
+/// `key` must be an open key handle valid for this call; it is not closed here.
+pub unsafe fn with_open_entry_mut<R>(key: *mut raw::RedisModuleKey, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
+    let mut h = Handle(key);
+    let r = h.entry_mut().map(f);
+    std::mem::forget(h);
+    r
+}
+
 /// A key opened for writing.
 pub struct WriteKey(Handle);
 
@@ -113,6 +143,17 @@ impl WriteKey {
 
     pub fn expire_at(&self) -> i64 {
         self.0.expire_at()
+    }
+
+    /// The entry the key now holds (after [`WriteKey::store`]), to attach it to the tag index.
+    pub fn entry_mut(&mut self) -> Option<&mut Entry> {
+        self.0.entry_mut()
+    }
+
+    /// Deletes the key (the type's unlink and free callbacks run).
+    pub fn delete(&mut self) -> bool {
+        // SAFETY: open write handle.
+        !self.0 .0.is_null() && unsafe { api!(RedisModule_DeleteKey)(self.0 .0) } == raw::REDISMODULE_OK as c_int
     }
 
     /// Replaces whatever the key holds with `entry` and sets its absolute expiry (NO_DEADLINE: none).

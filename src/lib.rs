@@ -9,6 +9,7 @@ mod ffi;
 mod keys;
 mod reply;
 mod stats;
+mod tagindex;
 
 use redis_module::{redis_module, Context, RedisString, Status};
 
@@ -24,7 +25,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         // SAFETY: OnLoad context; replaces the crate's default INFO callback with ours.
         unsafe { ffi::api!(RedisModule_RegisterInfoFunc)(ctx, Some(stats::info)) };
         emit::init();
-        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx)
+        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx) && tagindex::register(ctx)
     });
     if ok {
         Status::Ok

@@ -32,6 +32,8 @@ impl Counter {
 pub static HITS: Counter = Counter::new();
 pub static MISSES: Counter = Counter::new();
 pub static SETS: Counter = Counter::new();
+pub static INVALIDATIONS: Counter = Counter::new();
+pub static RECLAIMED: Counter = Counter::new();
 
 static ENTRIES: AtomicI64 = AtomicI64::new(0);
 static COMPRESSED: AtomicI64 = AtomicI64::new(0);
@@ -58,7 +60,8 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 7] {
+pub fn fields() -> [(&'static str, Value<'static>); 13] {
+    let index = crate::tagindex::index_stats();
     [
         ("entries", Value::Int(ENTRIES.load(Relaxed))),
         ("compressed_entries", Value::Int(COMPRESSED.load(Relaxed))),
@@ -67,6 +70,12 @@ pub fn fields() -> [(&'static str, Value<'static>); 7] {
         ("hits", Value::Int(HITS.get() as i64)),
         ("misses", Value::Int(MISSES.get() as i64)),
         ("sets", Value::Int(SETS.get() as i64)),
+        ("tags", Value::Int(index.tags as i64)),
+        ("tag_index_entries", Value::Int(index.entries as i64)),
+        ("invalidations", Value::Int(INVALIDATIONS.get() as i64)),
+        ("invalidation_messages", Value::Int(crate::tagindex::published() as i64)),
+        ("reclaim_pending", Value::Int(index.reclaim_pending as i64)),
+        ("reclaimed", Value::Int(RECLAIMED.get() as i64)),
     ]
 }
 

@@ -63,12 +63,13 @@ pub struct Entry {
     created: i64,
     data: Box<[u8]>,
     tags: TagList,
-    orig_len: u32,
+    orig_len: u64,
     encoding: Encoding,
 }
 
 impl Entry {
-    /// Builds an entry from a client's value. A `Verbatim(Lz4)` value must be a valid frame header.
+    /// Builds an entry from a client's value. A `Verbatim(Lz4)` value must be a frame that decodes (it is
+    /// checked once here, so a GET can never find an unreadable entry).
     pub fn from_value(
         value: &[u8],
         storage: Storage,
@@ -82,7 +83,7 @@ impl Entry {
                 None => (Box::from(value), Encoding::Raw, value.len()),
             },
             Storage::Verbatim(Encoding::Raw) => (Box::from(value), Encoding::Raw, value.len()),
-            Storage::Verbatim(Encoding::Lz4) => (Box::from(value), Encoding::Lz4, lz4::original_len(value)?),
+            Storage::Verbatim(Encoding::Lz4) => (Box::from(value), Encoding::Lz4, lz4::decompress(value)?.len()),
         };
         Self::from_parts(data, encoding, orig_len, fresh_until, created, tags)
     }
@@ -103,7 +104,7 @@ impl Entry {
         if !ok || fresh_until < NO_DEADLINE {
             return Err(FrameError::BadHeader);
         }
-        let orig_len = u32::try_from(orig_len).map_err(|_| FrameError::TooLarge)?;
+        let orig_len = orig_len as u64;
         Ok(Entry { fresh_until, created, data, tags, orig_len, encoding })
     }
 
@@ -122,6 +123,11 @@ impl Entry {
 
     pub fn tags(&self) -> &TagList {
         &self.tags
+    }
+
+    /// The tags, to record the epochs they are attached under (see `index`).
+    pub fn tags_mut(&mut self) -> &mut TagList {
+        &mut self.tags
     }
 
     /// The bytes as stored (an lz4 frame for [`Encoding::Lz4`]).
@@ -228,6 +234,11 @@ mod tests {
         assert_eq!(e.size(), big.len());
         assert_eq!(&*e.value().unwrap(), &big[..]);
         assert!(Entry::from_value(b"xy", Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY).is_err());
+        let mut corrupt = frame.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0xff;
+        corrupt.truncate(last - 3);
+        assert!(Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY).is_err(), "a frame whose body does not decode");
     }
 
     #[test]

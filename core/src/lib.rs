@@ -11,7 +11,9 @@
 pub mod args;
 pub mod clock;
 pub mod entry;
+pub mod index;
 pub mod lz4;
+pub mod message;
 pub mod num;
 pub mod persist;
 pub mod tags;

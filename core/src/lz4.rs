@@ -62,7 +62,7 @@ pub fn original_len(frame: &[u8]) -> Result<usize, FrameError> {
     }
     let payload = frame.len() - HEADER_LEN;
     // An empty original is one token byte; anything else needs a payload that could expand to len.
-    if (len == 0 && payload > 1) || (len > 0 && (payload == 0 || payload.saturating_mul(MAX_RATIO) < len)) {
+    if (len == 0 && payload != 1) || (len > 0 && (payload == 0 || payload.saturating_mul(MAX_RATIO) < len)) {
         return Err(FrameError::BadHeader);
     }
     Ok(len)
@@ -136,6 +136,8 @@ mod tests {
         assert_eq!(original_len(b"\x01\x00"), Err(FrameError::BadHeader));
         assert_eq!(original_len(b"\xff\xff\xff\xff\x00"), Err(FrameError::TooLarge));
         assert_eq!(original_len(b"\x00\x10\x00\x00\x00"), Err(FrameError::BadHeader), "4 KiB from 1 byte");
+        assert_eq!(original_len(b"\x00\x00\x00\x00"), Err(FrameError::BadHeader), "empty needs its token byte");
+        assert_eq!(decompress(&compress(b"")), Ok(Vec::new()));
         let mut frame = compress(&json_row(4096));
         let last = frame.len() - 1;
         frame.truncate(last);

@@ -9,13 +9,15 @@
 //! 4. unsigned: original size in bytes
 //! 5. string: the stored bytes
 //! 6. unsigned: number of tags, then one string per tag
+//! 7. unsigned: flags; bit 0 = invalidated (a tag was invalidated before the save: the entry is loaded
+//!    dead, answers nil and is queued for reclaim, so a restart never undoes an invalidation)
 //!
 //! The key's own TTL (the end of the stale window) is saved by Redis with the key.
 
 use std::fmt;
 
 use crate::entry::{Encoding, Entry};
-use crate::tags::TagList;
+use crate::tags::{TagList, DEAD};
 
 /// The encoding version written today.
 pub const ENCODING_VERSION: i32 = 1;
@@ -58,8 +60,12 @@ impl fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Writes `entry` in the current encoding version.
-pub fn save(entry: &Entry, out: &mut impl Sink) {
+/// Flag bit: the entry had been invalidated.
+pub const FLAG_INVALIDATED: u64 = 1;
+
+/// Writes `entry` in the current encoding version; `invalidated` says whether one of its tags was
+/// invalidated (the index knows, the entry alone does not).
+pub fn save(entry: &Entry, invalidated: bool, out: &mut impl Sink) {
     out.put_unsigned(entry.encoding() as u64);
     out.put_signed(entry.fresh_until());
     out.put_signed(entry.created());
@@ -70,6 +76,7 @@ pub fn save(entry: &Entry, out: &mut impl Sink) {
     for tag in tags.iter() {
         out.put_bytes(tag);
     }
+    out.put_unsigned(if invalidated { FLAG_INVALIDATED } else { 0 });
 }
 
 /// Reads an entry written with encoding version `version`.
@@ -94,7 +101,14 @@ pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
         }
         tags.push(tag);
     }
-    let tags = TagList::new(tags.iter().map(Vec::as_slice));
+    let flags = src.get_unsigned()?;
+    if flags & !FLAG_INVALIDATED != 0 {
+        return Err(LoadError::Invalid("flags"));
+    }
+    let mut tags = TagList::new(tags.iter().map(Vec::as_slice));
+    if flags & FLAG_INVALIDATED != 0 {
+        tags.set_epochs(|_, _| DEAD);
+    }
     Entry::from_parts(data, encoding, size, fresh_until, created, tags).map_err(|_| LoadError::Invalid("stored bytes"))
 }
 
@@ -161,17 +175,27 @@ mod tests {
             Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, TagList::EMPTY).unwrap(),
         ] {
             let mut fields: Vec<Field> = Vec::new();
-            save(&e, &mut fields);
+            save(&e, false, &mut fields);
             let back = load(&mut fields.into_iter(), ENCODING_VERSION).unwrap();
             assert_eq!(back, e);
         }
     }
 
     #[test]
+    fn invalidated_entries_load_dead() {
+        let e = sample(b"v", &[b"a", b"b"]);
+        let mut fields: Vec<Field> = Vec::new();
+        save(&e, true, &mut fields);
+        let back = load(&mut fields.into_iter(), ENCODING_VERSION).unwrap();
+        assert!(back.tags().with_epochs().all(|(epoch, _)| epoch == DEAD));
+        assert_eq!(back.tags().iter().collect::<Vec<_>>(), vec![&b"a"[..], b"b"]);
+    }
+
+    #[test]
     fn every_truncation_is_an_error() {
         let e = sample(&b"xyz".repeat(100), &[b"a", b"b"]);
         let mut fields: Vec<Field> = Vec::new();
-        save(&e, &mut fields);
+        save(&e, false, &mut fields);
         for cut in 0..fields.len() {
             let short: Vec<Field> = fields[..cut].to_vec();
             assert!(load(&mut short.into_iter(), ENCODING_VERSION).is_err(), "cut at {cut}");
@@ -182,7 +206,7 @@ mod tests {
     fn corrupt_fields_are_errors() {
         let e = sample(&b"xyz".repeat(100), &[b"a"]);
         let mut fields: Vec<Field> = Vec::new();
-        save(&e, &mut fields);
+        save(&e, false, &mut fields);
         let mut bad = fields.clone();
         bad[0] = Field::Unsigned(9);
         assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("encoding")));
@@ -192,6 +216,10 @@ mod tests {
         let mut bad = fields.clone();
         bad[5] = Field::Unsigned(u64::MAX);
         assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("tag count")));
+        let mut bad = fields.clone();
+        let last = bad.len() - 1;
+        bad[last] = Field::Unsigned(6);
+        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("flags")));
         assert_eq!(load(&mut fields.into_iter(), 2), Err(LoadError::UnknownVersion(2)));
     }
 }

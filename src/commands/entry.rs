@@ -15,6 +15,7 @@ use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::reply::{self, Value};
 use crate::stats;
+use crate::tagindex;
 
 thread_local! {
     /// Reused buffer for decompressing values on the main thread.
@@ -71,6 +72,10 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Err(msg) = key.store(Box::new(entry), expire_at) {
         return reply::error(ctx, msg);
     }
+    // After the store: replacing the old value ran its unlink (detach) first.
+    if let Some(e) = key.entry_mut() {
+        tagindex::attach(ctx, tagindex::selected_db(ctx), bytes(args[1]), e);
+    }
     drop(key);
     effect.replicate();
     // SAFETY: live command context and key name; the event name is a C string.
@@ -106,8 +111,8 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     let key = ReadKey::open(ctx, args[1]);
     let entry = match key.slot() {
-        // Entries without a deadline skip the clock read.
-        Slot::Entry(e) if e.fresh_until() == NO_DEADLINE || e.is_fresh(now_ms()) => e,
+        // Entries without a deadline skip the clock read; untagged ones skip the index.
+        Slot::Entry(e) if (e.fresh_until() == NO_DEADLINE || e.is_fresh(now_ms())) && tagindex::is_valid(ctx, e) => e,
         Slot::WrongType => return reply::wrong_type(ctx),
         Slot::Empty | Slot::Entry(_) => {
             stats::MISSES.bump();
@@ -143,8 +148,9 @@ pub fn meta(ctx: Ctx, args: &[RStr]) -> c_int {
     }
     let key = ReadKey::open(ctx, args[1]);
     let e = match key.slot() {
-        Slot::Entry(e) => e,
-        Slot::Empty => return reply::null(ctx),
+        Slot::Entry(e) if tagindex::is_valid(ctx, e) => e,
+        // An invalidated entry is gone for readers, whether or not it was reclaimed yet.
+        Slot::Entry(_) | Slot::Empty => return reply::null(ctx),
         Slot::WrongType => return reply::wrong_type(ctx),
     };
     let now = now_ms();

@@ -3,6 +3,7 @@
 
 mod entry;
 mod stats;
+mod tags;
 
 use std::ffi::CStr;
 use std::os::raw::c_int;
@@ -43,7 +44,7 @@ struct Command {
     complexity: &'static CStr,
 }
 
-fn table() -> [Command; 4] {
+fn table() -> [Command; 7] {
     [
         Command {
             name: c"tiercache.set",
@@ -80,6 +81,33 @@ fn table() -> [Command; 4] {
             key: KeyAccess::None,
             summary: c"Returns the module's counters (the same fields as INFO tiercache).",
             complexity: c"O(1)",
+        },
+        Command {
+            name: c"tiercache.invalidate",
+            handler: handler!(tags::invalidate),
+            flags: c"write",
+            arity: -2,
+            key: KeyAccess::None,
+            summary: c"Invalidates every entry carrying any of the tags; their memory is reclaimed incrementally.",
+            complexity: c"O(T) for T tags, independent of the number of entries (O(M) more to count the distinct entries of all but the largest tag).",
+        },
+        Command {
+            name: c"tiercache.tagcount",
+            handler: handler!(tags::tagcount),
+            flags: c"readonly fast",
+            arity: 2,
+            key: KeyAccess::None,
+            summary: c"Returns the number of live entries carrying a tag.",
+            complexity: c"O(1)",
+        },
+        Command {
+            name: c"tiercache.tagkeys",
+            handler: handler!(tags::tagkeys),
+            flags: c"readonly",
+            arity: -2,
+            key: KeyAccess::None,
+            summary: c"Returns up to COUNT (default 100) keys of live entries carrying a tag.",
+            complexity: c"O(N) for N keys returned",
         },
     ]
 }

@@ -64,8 +64,22 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 7] =
-    ["entries", "compressed_entries", "bytes_original", "bytes_stored", "hits", "misses", "sets"];
+pub const STATS_FIELDS: [&str; 13] =
+    [
+        "entries",
+        "compressed_entries",
+        "bytes_original",
+        "bytes_stored",
+        "hits",
+        "misses",
+        "sets",
+        "tags",
+        "tag_index_entries",
+        "invalidations",
+        "invalidation_messages",
+        "reclaim_pending",
+        "reclaimed",
+    ];
 
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 

@@ -32,6 +32,12 @@ STATS_FIELDS = [
     "hits",
     "misses",
     "sets",
+    "tags",
+    "tag_index_entries",
+    "invalidations",
+    "invalidation_messages",
+    "reclaim_pending",
+    "reclaimed",
 ]
 # META fields that do not move with the clock (the *_ttl_ms fields count down).
 STABLE_META_FIELDS = [f for f in META_FIELDS if f not in ("fresh_ttl_ms", "stale_ttl_ms")]

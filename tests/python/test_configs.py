@@ -19,9 +19,14 @@ def test_defaults(r):
     assert config_get(r, MAX_TAGS) == b"32"
 
 
-def test_config_get_pattern_lists_both(r):
+def test_config_get_pattern_lists_all(r):
     d = normalise(raw_command(r, "CONFIG", "GET", "tiercache.*"))
-    assert d == {CMS: b"1024", MAX_TAGS: b"32"}
+    assert d == {
+        CMS: b"1024",
+        MAX_TAGS: b"32",
+        "tiercache.reclaim-budget": b"1000",
+        "tiercache.invalidation-channel": b"tiercache:invalidations",
+    }
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,334 @@
+//! The module's side of the tag index (`tiercache_core::index`): the registry itself (main-thread
+//! state), the events that keep it exact (keyspace events for entries that arrive under a new name, server
+//! events for flushes, SWAPDB, async loading and promotion), the reclaim timer, and the invalidation
+//! messages published for L1 caches.
+//!
+//! The registry lives in a thread-local: every caller runs on Redis's main thread (or in a forked child,
+//! which has a copy). Borrows are short and never held across a call into Redis, because deleting or
+//! even opening a key can run our unlink callback, which needs the registry again.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use std::time::{Duration, Instant};
+
+use redis_module::raw;
+use tiercache_core::index::{Attach, IndexStats, Registry};
+use tiercache_core::tags::TagList;
+use tiercache_core::Entry;
+
+use crate::config;
+use crate::ffi::{api, bytes, free_string, guard, log, new_string, Ctx, RStr, OK};
+use crate::keys::{self, Slot, WriteKey};
+use crate::stats;
+
+thread_local! {
+    static REGISTRY: RefCell<Registry> = RefCell::new(Registry::new());
+    static TIMER_ARMED: Cell<bool> = const { Cell::new(false) };
+    static SEQ: Cell<u64> = const { Cell::new(0) };
+    static RUN_ID: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+}
+
+/// Milliseconds between reclaim ticks while keys are queued.
+const RECLAIM_PERIOD_MS: i64 = 2;
+/// Wall-clock cap of one reclaim tick, whatever the key budget.
+const RECLAIM_TICK_CAP: Duration = Duration::from_micros(1000);
+
+/// Runs `f` with the registry; `None` if it is already borrowed (a re-entrant call we refuse rather
+/// than panic on).
+pub fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
+    REGISTRY.with(|r| r.try_borrow_mut().ok().map(|mut r| f(&mut r)))
+}
+
+pub fn selected_db(ctx: Ctx) -> usize {
+    // SAFETY: ctx is a live context.
+    let db = unsafe { api!(RedisModule_GetSelectedDb)(ctx) };
+    usize::try_from(db).unwrap_or(0)
+}
+
+fn is_replica(ctx: Ctx) -> bool {
+    // SAFETY: ctx is a live context.
+    (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & raw::REDISMODULE_CTX_FLAGS_SLAVE as c_int) != 0
+}
+
+fn is_loading(ctx: Ctx) -> bool {
+    // SAFETY: ctx is a live context.
+    (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & raw::REDISMODULE_CTX_FLAGS_LOADING as c_int) != 0
+}
+
+/// The read-path check: is every tag of this entry still at the epoch it was attached under?
+#[inline]
+pub fn is_valid(ctx: Ctx, entry: &Entry) -> bool {
+    let tags = entry.tags();
+    if tags.is_empty() {
+        return true;
+    }
+    let db = selected_db(ctx);
+    REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_valid(db, tags)))
+}
+
+/// For persistence: was this entry invalidated? (`db` < 0: unknown, only DEAD marks count.)
+pub fn is_dead(db: c_int, tags: &TagList) -> bool {
+    if tags.is_empty() {
+        return false;
+    }
+    match usize::try_from(db) {
+        Ok(db) => REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_dead(db, tags))),
+        Err(_) => tags.with_epochs().any(|(epoch, _)| epoch == tiercache_core::tags::DEAD),
+    }
+}
+
+/// Indexes the entry stored at `key` in `db`; a dead one is queued for reclaim (on a master).
+pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
+    if entry.tags().is_empty() {
+        return;
+    }
+    let replica = is_replica(ctx);
+    let queued = with(|r| match r.attach(db, key, entry.tags_mut()) {
+        Attach::Live => false,
+        Attach::Dead if replica => false,
+        Attach::Dead => {
+            r.queue_key(db, key);
+            true
+        }
+    });
+    if queued == Some(true) {
+        arm_reclaim(ctx);
+    }
+}
+
+/// The type's unlink callback: the entry leaves `key` in `db`.
+pub fn detach(db: usize, key: &[u8], entry: &mut Entry) {
+    with(|r| r.detach(db, key, entry.tags_mut()));
+}
+
+pub fn index_stats() -> IndexStats {
+    REGISTRY.with(|r| r.try_borrow().map(|r| r.stats()).unwrap_or_default())
+}
+
+/// TIERCACHE.INVALIDATE's effect on the index: returns the number of live entries that carried any tag.
+pub fn invalidate(ctx: Ctx, tags: &[&[u8]]) -> usize {
+    let db = selected_db(ctx);
+    let master = !is_replica(ctx);
+    let count = with(|r| r.invalidate(db, tags, master)).unwrap_or(0);
+    if master {
+        arm_reclaim(ctx);
+    }
+    if !is_loading(ctx) {
+        publish(ctx, db, tags);
+    }
+    count
+}
+
+// ---- invalidation messages ---------------------------------------------------------------------
+
+fn run_id(ctx: Ctx) -> Vec<u8> {
+    RUN_ID.with(|id| {
+        id.borrow_mut()
+            .get_or_insert_with(|| {
+                // SAFETY: ctx is live; the info object is freed below and the field copied before that.
+                unsafe {
+                    let info = api!(RedisModule_GetServerInfo)(ctx, c"server".as_ptr());
+                    if info.is_null() {
+                        return Vec::new();
+                    }
+                    let field = api!(RedisModule_ServerInfoGetFieldC)(info, c"run_id".as_ptr());
+                    let id = if field.is_null() { Vec::new() } else { CStr::from_ptr(field).to_bytes().to_vec() };
+                    api!(RedisModule_FreeServerInfo)(ctx, info);
+                    id
+                }
+            })
+            .clone()
+    })
+}
+
+fn publish(ctx: Ctx, db: usize, tags: &[&[u8]]) {
+    let channel = config::invalidation_channel();
+    if channel.is_empty() {
+        return;
+    }
+    let seq = SEQ.with(|s| {
+        s.set(s.get() + 1);
+        s.get()
+    });
+    let msg = tiercache_core::message::invalidation(&run_id(ctx), seq, db as u64, tags);
+    let (c, m) = (new_string(ctx, &channel), new_string(ctx, &msg));
+    // SAFETY: live context and strings; PublishMessage copies what it sends.
+    unsafe { api!(RedisModule_PublishMessage)(ctx, c, m) };
+    free_string(ctx, c);
+    free_string(ctx, m);
+}
+
+// ---- reclaim -----------------------------------------------------------------------------------
+
+fn arm_reclaim(ctx: Ctx) {
+    if TIMER_ARMED.with(Cell::get) {
+        return;
+    }
+    if REGISTRY.with(|r| r.try_borrow().map(|r| r.reclaim_pending()).unwrap_or(0)) == 0 {
+        return;
+    }
+    // SAFETY: live context; the callback takes no data.
+    unsafe { api!(RedisModule_CreateTimer)(ctx, RECLAIM_PERIOD_MS, Some(reclaim_tick), std::ptr::null_mut()) };
+    TIMER_ARMED.with(|a| a.set(true));
+}
+
+/// Deletes up to `tiercache.reclaim-budget` invalidated entries (and never runs longer than about a
+/// millisecond), replicating each delete; re-arms itself while keys remain queued.
+unsafe extern "C" fn reclaim_tick(ctx: Ctx, _data: *mut c_void) {
+    TIMER_ARMED.with(|a| a.set(false));
+    guard((), || {
+        if is_replica(ctx) {
+            // Replicas receive the master's deletes; a queue left from before a demotion is dropped.
+            with(|r| while !r.take_reclaim(4096).is_empty() {});
+            return;
+        }
+        let budget = config::RECLAIM_BUDGET.get().max(1) as usize;
+        let started = Instant::now();
+        let mut done = 0;
+        while done < budget && started.elapsed() < RECLAIM_TICK_CAP {
+            let batch = with(|r| r.take_reclaim((budget - done).min(64))).unwrap_or_default();
+            if batch.is_empty() {
+                break;
+            }
+            done += batch.len();
+            for (db, key) in batch {
+                reclaim_one(ctx, db, &key);
+            }
+        }
+        arm_reclaim(ctx);
+    });
+}
+
+fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) {
+    // SAFETY: live timer context; the db id came from the index.
+    if unsafe { api!(RedisModule_SelectDb)(ctx, db as c_int) } != OK {
+        return;
+    }
+    let name = new_string(ctx, key);
+    let mut k = WriteKey::open(ctx, name);
+    let dead = match k.slot() {
+        Slot::Entry(e) => !e.tags().is_empty() && !is_valid(ctx, e),
+        _ => false,
+    };
+    if dead && k.delete() {
+        drop(k);
+        // SAFETY: live context and key name; "s" takes one RedisModuleString.
+        unsafe {
+            api!(RedisModule_Replicate)(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
+            api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name);
+        }
+        stats::RECLAIMED.bump();
+    }
+    free_string(ctx, name);
+}
+
+// ---- events ------------------------------------------------------------------------------------
+
+/// Keyspace events: an entry that arrives under a (new) name is indexed there.
+unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, key: RStr) -> c_int {
+    guard(OK, || {
+        if event.is_null() {
+            return OK;
+        }
+        // SAFETY: Redis passes a NUL-terminated event name.
+        let ev = unsafe { CStr::from_ptr(event) }.to_bytes();
+        if matches!(ev, b"loaded" | b"restore" | b"rename_to" | b"move_to" | b"copy_to") {
+            let db = selected_db(ctx);
+            let name = bytes(key);
+            // The "loaded" event passes a key object on Redis's stack, which OpenKey must not retain:
+            // open a copy.
+            let owned = new_string(ctx, name);
+            keys::with_entry_mut(ctx, owned, |e| attach(ctx, db, name, e));
+            free_string(ctx, owned);
+        }
+        OK
+    })
+}
+
+unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: u64, data: *mut c_void) {
+    guard((), || match eid.id {
+        raw::REDISMODULE_EVENT_FLUSHDB if sub == raw::REDISMODULE_SUBEVENT_FLUSHDB_START => {
+            // SAFETY: Redis passes a RedisModuleFlushInfo for this event.
+            let info = unsafe { &*data.cast::<raw::RedisModuleFlushInfo>() };
+            with(|r| r.flush(usize::try_from(info.dbnum).ok()));
+        }
+        raw::REDISMODULE_EVENT_SWAPDB => {
+            // SAFETY: Redis passes a RedisModuleSwapDbInfo for this event.
+            let info = unsafe { &*data.cast::<raw::RedisModuleSwapDbInfo>() };
+            if let (Ok(a), Ok(b)) = (usize::try_from(info.dbnum_first), usize::try_from(info.dbnum_second)) {
+                with(|r| r.swap(a, b));
+            }
+        }
+        raw::REDISMODULE_EVENT_REPL_ASYNC_LOAD if sub == raw::REDISMODULE_SUBEVENT_REPL_ASYNC_LOAD_COMPLETED => {
+            // The freshly loaded dataset was swapped in without per-key events: index it from scratch.
+            with(|r| r.flush(None));
+            index_everything(ctx);
+        }
+        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER => {
+            // A promoted replica never queued invalidated entries: find them now.
+            index_everything(ctx);
+        }
+        _ => {}
+    })
+}
+
+unsafe extern "C" fn scan_one(ctx: Ctx, name: RStr, key: *mut raw::RedisModuleKey, _p: *mut c_void) {
+    guard((), || {
+        if key.is_null() {
+            return;
+        }
+        let db = selected_db(ctx);
+        let n = bytes(name);
+        // SAFETY: RM_Scan passes an open key handle valid for this callback.
+        unsafe { keys::with_open_entry_mut(key, |e| attach(ctx, db, n, e)) };
+    })
+}
+
+/// Attaches every entry of every database (idempotent for entries already indexed) and queues the dead
+/// ones. O(keys): runs only after an async load and on promotion.
+fn index_everything(ctx: Ctx) {
+    // SAFETY: live context; every db is selected in turn and the original restored; each cursor is
+    // destroyed after its scan.
+    unsafe {
+        let original = api!(RedisModule_GetSelectedDb)(ctx);
+        let mut db = 0;
+        while api!(RedisModule_SelectDb)(ctx, db) == OK {
+            let cursor = api!(RedisModule_ScanCursorCreate)();
+            while api!(RedisModule_Scan)(ctx, cursor, Some(scan_one), std::ptr::null_mut()) != 0 {}
+            api!(RedisModule_ScanCursorDestroy)(cursor);
+            db += 1;
+        }
+        api!(RedisModule_SelectDb)(ctx, original);
+    }
+}
+
+/// Subscribes to the events above; call from OnLoad.
+pub fn register(ctx: Ctx) -> bool {
+    // SAFETY: OnLoad context; callbacks are valid extern fns for the module's lifetime.
+    unsafe {
+        let mask = raw::REDISMODULE_NOTIFY_GENERIC | raw::REDISMODULE_NOTIFY_LOADED;
+        if api!(RedisModule_SubscribeToKeyspaceEvents)(ctx, mask, Some(on_keyspace)) != OK {
+            log(ctx, "warning", "tiercache: cannot subscribe to keyspace events");
+            return false;
+        }
+        for id in [
+            raw::REDISMODULE_EVENT_FLUSHDB,
+            raw::REDISMODULE_EVENT_SWAPDB,
+            raw::REDISMODULE_EVENT_REPL_ASYNC_LOAD,
+            raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED,
+        ] {
+            let ev = raw::RedisModuleEvent { id, dataver: 1 };
+            if api!(RedisModule_SubscribeToServerEvent)(ctx, ev, Some(on_server_event)) != OK {
+                log(ctx, "warning", &format!("tiercache: cannot subscribe to server event {id}"));
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Messages published so far (the last sequence number).
+pub fn published() -> u64 {
+    SEQ.with(Cell::get)
+}
