@@ -134,9 +134,7 @@ unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
     guard((), || {
         // SAFETY: Redis passes a value of our type.
         if let Some(e) = unsafe { entry(value) } {
-            // SAFETY: live IO handle; the db is that of the key being saved (-1 when unknown).
-            let db = unsafe { api!(RedisModule_GetDbIdFromIO)(io) };
-            persist::save(e, tagindex::is_dead(db, e.tags()), &mut Rdb(io));
+            persist::save(e, tagindex::is_dead(e.tags()), &mut Rdb(io));
         }
     })
 }
@@ -144,10 +142,8 @@ unsafe extern "C" fn rdb_save(io: *mut raw::RedisModuleIO, value: *mut c_void) {
 unsafe extern "C" fn aof_rewrite(aof: *mut raw::RedisModuleIO, key: RStr, value: *mut c_void) {
     guard((), || {
         // SAFETY: Redis passes a value of our type.
-        // SAFETY: live IO handle of this rewrite.
-        let db = unsafe { api!(RedisModule_GetDbIdFromIO)(aof) };
         // An invalidated entry is left out: replaying the AOF recreates only what readers can see.
-        if let Some(e) = unsafe { entry(value) }.filter(|e| !tagindex::is_dead(db, e.tags())) {
+        if let Some(e) = unsafe { entry(value) }.filter(|e| !tagindex::is_dead(e.tags())) {
             // Redis appends its own PEXPIREAT for keys with a TTL after our output, so keep the TTL
             // out of the SET (KEEPTTL on a new key means none).
             SetArgv::for_aof(key, e).emit_aof(aof);
@@ -217,15 +213,13 @@ unsafe extern "C" fn unlink2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const 
 
 /// COPY: a clone whose tags are attached when the `copy_to` event names its key. A valid source gives
 /// a PENDING copy (it takes the destination database's epochs); an invalidated one a dead copy.
-unsafe extern "C" fn copy2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c_void) -> *mut c_void {
+unsafe extern "C" fn copy2(_ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c_void) -> *mut c_void {
     guard(std::ptr::null_mut(), || {
         // SAFETY: Redis passes a value of our type and a live option context.
         let Some(src) = (unsafe { entry(value) }) else { return std::ptr::null_mut() };
         let mut copy = Box::new(src.clone());
         if !copy.tags().is_empty() {
-            // SAFETY: live option context.
-            let from_db = unsafe { api!(RedisModule_GetDbIdFromOptCtx)(ctx) };
-            let dead = tagindex::is_dead(from_db, copy.tags());
+            let dead = tagindex::is_dead(copy.tags());
             copy.tags_mut().set_epochs(|_, _| if dead { DEAD } else { PENDING });
         }
         stats::entry_added(&copy);

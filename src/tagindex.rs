@@ -58,24 +58,14 @@ fn is_loading(ctx: Ctx) -> bool {
 
 /// The read-path check: is every tag of this entry still at the epoch it was attached under?
 #[inline]
-pub fn is_valid(ctx: Ctx, entry: &Entry) -> bool {
+pub fn is_valid(entry: &Entry) -> bool {
     let tags = entry.tags();
-    if tags.is_empty() {
-        return true;
-    }
-    let db = selected_db(ctx);
-    REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_valid(db, tags)))
+    tags.is_empty() || REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_valid(tags)))
 }
 
-/// For persistence: was this entry invalidated? (`db` < 0: unknown, only DEAD marks count.)
-pub fn is_dead(db: c_int, tags: &TagList) -> bool {
-    if tags.is_empty() {
-        return false;
-    }
-    match usize::try_from(db) {
-        Ok(db) => REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_dead(db, tags))),
-        Err(_) => tags.with_epochs().any(|(epoch, _)| epoch == tiercache_core::tags::DEAD),
-    }
+/// For persistence: was this entry invalidated?
+pub fn is_dead(tags: &TagList) -> bool {
+    !tags.is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_dead(tags)))
 }
 
 /// Indexes the entry stored at `key` in `db`; a dead one is queued for reclaim (on a master).
@@ -208,7 +198,7 @@ fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) {
     let name = new_string(ctx, key);
     let mut k = WriteKey::open(ctx, name);
     let dead = match k.slot() {
-        Slot::Entry(e) => !e.tags().is_empty() && !is_valid(ctx, e),
+        Slot::Entry(e) => !e.tags().is_empty() && !is_valid(e),
         _ => false,
     };
     if dead && k.delete() {

@@ -10,7 +10,6 @@
 //! The index never holds pointers to entries, only key names, so a value Redis frees without telling us
 //! cannot leave a dangling reference.
 
-use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 use ahash::RandomState;
@@ -20,17 +19,18 @@ use crate::tags::{TagList, DEAD, PENDING};
 type Key = Box<[u8]>;
 type KeySet = HashSet<Key, RandomState>;
 
-/// One tag in one database.
-#[derive(Debug)]
-pub struct Slot {
+/// One tag of one database. Slots live in one vector and are numbered; a freed slot gets epoch 0 and
+/// its number is reused with a new epoch, so an entry holding an old (slot, epoch) pair never matches.
+#[derive(Debug, Default)]
+struct Slot {
     epoch: u64,
     keys: KeySet,
 }
 
-/// The index of one database.
+/// The index of one database: tag name -> slot number, and the reclaim queue.
 #[derive(Debug, Default)]
-pub struct DbIndex {
-    tags: HashMap<Key, Slot, RandomState>,
+struct DbIndex {
+    by_name: HashMap<Key, u32, RandomState>,
     /// Key sets taken out by invalidations, drained a few keys at a time.
     queue: VecDeque<std::collections::hash_set::IntoIter<Key>>,
     queued: usize,
@@ -49,6 +49,8 @@ pub enum Attach {
 /// The whole index.
 #[derive(Debug, Default)]
 pub struct Registry {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
     dbs: Vec<DbIndex>,
     last_epoch: u64,
 }
@@ -76,112 +78,125 @@ impl Registry {
         &mut self.dbs[db]
     }
 
-    fn next_epoch(&mut self) -> u64 {
-        self.last_epoch += 1;
-        self.last_epoch
+    #[inline]
+    fn matches(&self, slot: u32, epoch: u64) -> bool {
+        epoch != PENDING && epoch != DEAD && self.slots.get(slot as usize).is_some_and(|s| s.epoch == epoch)
     }
 
-    /// True when every tag of the entry still has the epoch the entry was attached under.
-    #[inline]
-    pub fn is_valid(&self, db: usize, tags: &TagList) -> bool {
-        if tags.is_empty() {
-            return true;
+    /// Takes a free slot (or a new one) with a fresh epoch.
+    fn new_slot(&mut self) -> u32 {
+        self.last_epoch += 1;
+        let epoch = self.last_epoch;
+        match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize].epoch = epoch;
+                id
+            }
+            None => {
+                self.slots.push(Slot { epoch, keys: KeySet::default() });
+                (self.slots.len() - 1) as u32
+            }
         }
-        let Some(index) = self.dbs.get(db) else { return false };
-        tags.with_epochs()
-            .all(|(epoch, name)| epoch != PENDING && epoch != DEAD && index.tags.get(name).is_some_and(|s| s.epoch == epoch))
+    }
+
+    /// Frees a slot; returns its keys.
+    fn release(&mut self, id: u32) -> KeySet {
+        let slot = &mut self.slots[id as usize];
+        slot.epoch = 0;
+        self.free.push(id);
+        std::mem::take(&mut slot.keys)
+    }
+
+    /// True when every tag of the entry still has the epoch the entry was attached under. One array
+    /// lookup per tag: no hashing, and no database needed (epochs never repeat).
+    #[inline]
+    pub fn is_valid(&self, tags: &TagList) -> bool {
+        tags.refs().all(|r| self.matches(r.slot, r.epoch))
     }
 
     /// True when the entry was invalidated: loaded dead, or attached under an epoch its tag no longer
     /// has. A PENDING entry (not attached yet) is not dead. Used when persisting.
-    pub fn is_dead(&self, db: usize, tags: &TagList) -> bool {
-        let index = self.dbs.get(db);
-        tags.with_epochs().any(|(epoch, name)| {
-            epoch == DEAD
-                || (epoch != PENDING && index.and_then(|i| i.tags.get(name)).is_none_or(|s| s.epoch != epoch))
-        })
+    pub fn is_dead(&self, tags: &TagList) -> bool {
+        tags.refs().any(|r| r.epoch == DEAD || (r.epoch != PENDING && !self.matches(r.slot, r.epoch)))
     }
 
-    /// Indexes an entry stored under `key`. A PENDING entry (just written or loaded) takes the current
-    /// epochs, creating slots as needed; an entry attached before (COPY, RENAME) is indexed again if
-    /// still valid; anything else is dead.
+    /// Indexes an entry stored under `key` in `db`. A PENDING entry (just written or loaded) takes the
+    /// current slots of its tags, creating them as needed; an entry attached before (COPY, RENAME) is
+    /// indexed again if still valid; anything else is dead.
     pub fn attach(&mut self, db: usize, key: &[u8], tags: &mut TagList) -> Attach {
         if tags.is_empty() {
             return Attach::Live;
         }
-        let pending = tags.with_epochs().all(|(e, _)| e == PENDING);
-        if pending {
-            let mut fresh = Vec::new();
-            {
-                let index = self.db_mut(db);
-                for name in tags.iter() {
-                    if !index.tags.contains_key(name) {
-                        fresh.push(Key::from(name));
+        if tags.refs().all(|r| r.epoch == PENDING) {
+            tags.set_refs(|r| {
+                let id = match self.dbs.get(db).and_then(|d| d.by_name.get(r.name)) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.new_slot();
+                        self.db_mut(db).by_name.insert(Key::from(r.name), id);
+                        id
                     }
-                }
-            }
-            for name in fresh {
-                let epoch = self.next_epoch();
-                self.db_mut(db).tags.insert(name, Slot { epoch, keys: KeySet::default() });
-            }
-        } else if !self.is_valid(db, tags) {
+                };
+                (self.slots[id as usize].epoch, id)
+            });
+        } else if !self.is_valid(tags) {
             return Attach::Dead;
         }
-        let index = self.db_mut(db);
-        tags.set_epochs(|name, _| {
-            let slot = index.tags.get_mut(name).expect("slot created above");
-            if slot.keys.insert(Key::from(key)) {
-                index.members += 1;
+        let mut added = 0;
+        for r in tags.refs() {
+            if self.slots[r.slot as usize].keys.insert(Key::from(key)) {
+                added += 1;
             }
-            slot.epoch
-        });
+        }
+        self.db_mut(db).members += added;
         Attach::Live
     }
 
     /// Removes an entry's key from every slot it is indexed under (the entry is being deleted,
-    /// overwritten, renamed or moved), leaving its tags PENDING.
+    /// overwritten, renamed or moved). A valid entry's tags become PENDING (it may be attached again
+    /// under a new name); one that had lost any tag is marked DEAD for good.
     pub fn detach(&mut self, db: usize, key: &[u8], tags: &mut TagList) {
         if tags.is_empty() {
             return;
         }
-        let Some(index) = self.dbs.get_mut(db) else { return };
         let mut all_attached = true;
-        tags.set_epochs(|name, epoch| {
-            if epoch == PENDING || epoch == DEAD {
-                all_attached &= epoch == PENDING;
-                return epoch;
+        let mut removed = 0;
+        let mut emptied: Vec<(u32, Key)> = Vec::new();
+        tags.set_refs(|r| {
+            if !self.matches(r.slot, r.epoch) {
+                all_attached &= r.epoch == PENDING;
+                return (r.epoch, r.slot);
             }
-            if let MapEntry::Occupied(mut slot) = index.tags.entry(Key::from(name)) {
-                if slot.get().epoch == epoch {
-                    if slot.get_mut().keys.remove(key) {
-                        index.members -= 1;
-                    }
-                    if slot.get().keys.is_empty() {
-                        slot.remove();
-                    }
-                    return PENDING;
-                }
+            let slot = &mut self.slots[r.slot as usize];
+            if slot.keys.remove(key) {
+                removed += 1;
             }
-            all_attached = false;
-            epoch
+            if slot.keys.is_empty() {
+                emptied.push((r.slot, Key::from(r.name)));
+            }
+            (PENDING, 0)
         });
-        // An entry that had lost any tag stays dead wherever it goes next.
+        if let Some(index) = self.dbs.get_mut(db) {
+            index.members = index.members.saturating_sub(removed);
+            for (_, name) in &emptied {
+                index.by_name.remove(name);
+            }
+        }
+        for (id, _) in emptied {
+            self.release(id);
+        }
         if !all_attached {
-            tags.set_epochs(|_, _| DEAD);
+            tags.set_refs(|_| (DEAD, 0));
         }
     }
 
     /// Invalidates tags in `db`: returns how many distinct live entries carried any of them. With
     /// `queue`, their keys are queued for reclaim; otherwise (replicas) the key sets are dropped.
     pub fn invalidate(&mut self, db: usize, tags: &[&[u8]], queue: bool) -> usize {
+        let ids: Vec<u32> = tags.iter().filter_map(|t| self.db_mut(db).by_name.remove(*t)).collect();
+        let mut taken: Vec<KeySet> = ids.into_iter().map(|id| self.release(id)).collect();
         let index = self.db_mut(db);
-        let mut taken: Vec<KeySet> = Vec::with_capacity(tags.len());
-        for tag in tags {
-            if let Some(slot) = index.tags.remove(*tag) {
-                index.members -= slot.keys.len();
-                taken.push(slot.keys);
-            }
-        }
+        index.members -= taken.iter().map(KeySet::len).sum::<usize>();
         // Distinct keys: the largest set counts whole, the others only for keys it lacks.
         taken.sort_by_key(|s| std::cmp::Reverse(s.len()));
         let mut count = 0;
@@ -236,33 +251,39 @@ impl Registry {
         self.dbs.iter().map(|d| d.queued).sum()
     }
 
+    fn slot_of(&self, db: usize, tag: &[u8]) -> Option<&Slot> {
+        self.dbs.get(db)?.by_name.get(tag).map(|&id| &self.slots[id as usize])
+    }
+
     /// Live entries carrying `tag` in `db`.
     pub fn tag_count(&self, db: usize, tag: &[u8]) -> usize {
-        self.dbs.get(db).and_then(|d| d.tags.get(tag)).map_or(0, |s| s.keys.len())
+        self.slot_of(db, tag).map_or(0, |s| s.keys.len())
     }
 
     /// Up to `n` keys of live entries carrying `tag` in `db`.
     pub fn tag_keys(&self, db: usize, tag: &[u8], n: usize) -> Vec<&[u8]> {
-        self.dbs
-            .get(db)
-            .and_then(|d| d.tags.get(tag))
-            .map(|s| s.keys.iter().take(n).map(|k| &k[..]).collect())
-            .unwrap_or_default()
+        self.slot_of(db, tag).map(|s| s.keys.iter().take(n).map(|k| &k[..]).collect()).unwrap_or_default()
     }
 
     /// Forgets one database (FLUSHDB) or all of them (`None`, FLUSHALL and full reloads).
     pub fn flush(&mut self, db: Option<usize>) {
         match db {
             Some(db) => {
-                if let Some(d) = self.dbs.get_mut(db) {
-                    *d = DbIndex::default();
+                let Some(index) = self.dbs.get_mut(db) else { return };
+                let ids: Vec<u32> = std::mem::take(index).by_name.into_values().collect();
+                for id in ids {
+                    self.release(id);
                 }
             }
-            None => self.dbs.clear(),
+            None => {
+                self.dbs.clear();
+                self.slots.clear();
+                self.free.clear();
+            }
         }
     }
 
-    /// SWAPDB.
+    /// SWAPDB: the databases trade names and queues; slots (and so entries) are unaffected.
     pub fn swap(&mut self, a: usize, b: usize) {
         self.db_mut(a.max(b));
         self.dbs.swap(a, b);
@@ -270,7 +291,7 @@ impl Registry {
 
     pub fn stats(&self) -> IndexStats {
         IndexStats {
-            tags: self.dbs.iter().map(|d| d.tags.len()).sum(),
+            tags: self.dbs.iter().map(|d| d.by_name.len()).sum(),
             entries: self.dbs.iter().map(|d| d.members).sum(),
             reclaim_pending: self.reclaim_pending(),
         }
@@ -291,28 +312,28 @@ mod tests {
         let mut a = tl(&["user:1", "org:7"]);
         let mut b = tl(&["user:1"]);
         let mut c = tl(&["org:7"]);
-        assert!(!r.is_valid(0, &a), "pending is not valid");
-        assert!(!r.is_dead(0, &a), "pending is not dead either");
+        assert!(!r.is_valid(&a), "pending is not valid");
+        assert!(!r.is_dead(&a), "pending is not dead either");
         assert_eq!(r.attach(0, b"a", &mut a), Attach::Live);
         assert_eq!(r.attach(0, b"b", &mut b), Attach::Live);
         assert_eq!(r.attach(0, b"c", &mut c), Attach::Live);
-        assert!(r.is_valid(0, &a) && r.is_valid(0, &b) && r.is_valid(0, &c));
-        assert!(!r.is_valid(1, &a), "per database");
+        assert!(r.is_valid(&a) && r.is_valid(&b) && r.is_valid(&c));
+        assert_eq!(r.tag_count(1, b"user:1"), 0, "per database");
         assert_eq!(r.tag_count(0, b"user:1"), 2);
         assert_eq!(r.stats(), IndexStats { tags: 2, entries: 4, reclaim_pending: 0 });
 
         assert_eq!(r.invalidate(0, &[b"user:1"], true), 2);
-        assert!(!r.is_valid(0, &a) && !r.is_valid(0, &b));
-        assert!(r.is_dead(0, &a) && r.is_dead(0, &b));
-        assert!(r.is_valid(0, &c) && !r.is_dead(0, &c));
+        assert!(!r.is_valid(&a) && !r.is_valid(&b));
+        assert!(r.is_dead(&a) && r.is_dead(&b));
+        assert!(r.is_valid(&c) && !r.is_dead(&c));
         assert_eq!(r.tag_count(0, b"user:1"), 0);
         assert_eq!(r.reclaim_pending(), 2);
 
         // A new entry with the tag is valid; the old ones never come back.
         let mut d = tl(&["user:1"]);
         assert_eq!(r.attach(0, b"d", &mut d), Attach::Live);
-        assert!(r.is_valid(0, &d));
-        assert!(!r.is_valid(0, &a) && !r.is_valid(0, &b));
+        assert!(r.is_valid(&d));
+        assert!(!r.is_valid(&a) && !r.is_valid(&b));
 
         let mut got: Vec<Vec<u8>> = r.take_reclaim(10).into_iter().map(|(db, k)| { assert_eq!(db, 0); k.to_vec() }).collect();
         got.sort();
@@ -371,9 +392,10 @@ mod tests {
         r.attach(0, b"a", &mut a);
         r.attach(1, b"b", &mut b);
         r.swap(0, 1);
-        assert!(r.is_valid(1, &a) && r.is_valid(0, &b));
+        assert!(r.is_valid(&a) && r.is_valid(&b));
+        assert_eq!(r.tag_keys(1, b"t", 5), vec![&b"a"[..]]);
         r.flush(Some(0));
-        assert!(!r.is_valid(0, &b) && r.is_valid(1, &a));
+        assert!(!r.is_valid(&b) && r.is_valid(&a));
         assert_eq!(r.invalidate(1, &[b"t"], false), 1);
         assert_eq!(r.reclaim_pending(), 0, "replicas do not queue");
         r.queue_key(2, b"dead");

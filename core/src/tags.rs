@@ -1,9 +1,10 @@
-//! A compact, binary-safe list of distinct tags with the epoch each tag had when the entry was attached
-//! to the tag index: one allocation holding, per tag, an 8-byte epoch and a LEB128 length-prefixed name;
-//! none at all for an untagged entry.
+//! A compact, binary-safe list of distinct tags, each with the index slot and epoch it was attached
+//! under: one allocation holding, per tag, an 8-byte epoch, a 4-byte slot number and a LEB128
+//! length-prefixed name; none at all for an untagged entry.
 //!
 //! Epoch values: [`PENDING`] (not attached yet: just written or loaded), [`DEAD`] (invalidated before it
-//! was persisted), anything else is the epoch of the tag's slot at attach time (see `index`).
+//! was persisted), anything else is the epoch of the tag's slot at attach time (see `index`). Keeping the
+//! slot number lets the read path check a tag with one array lookup instead of hashing its name.
 
 /// Not attached to the index yet.
 pub const PENDING: u64 = 0;
@@ -11,6 +12,8 @@ pub const PENDING: u64 = 0;
 pub const DEAD: u64 = u64::MAX;
 
 const EPOCH_LEN: usize = 8;
+const SLOT_LEN: usize = 4;
+const HEAD: usize = EPOCH_LEN + SLOT_LEN;
 
 /// The tags of one entry, in the order first given, without duplicates.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -52,6 +55,7 @@ impl TagList {
             }
             seen.push(tag);
             buf.extend_from_slice(&PENDING.to_le_bytes());
+            buf.extend_from_slice(&0u32.to_le_bytes());
             put_varint(&mut buf, tag.len());
             buf.extend_from_slice(tag);
         }
@@ -73,12 +77,17 @@ impl TagList {
 
     /// Tag names.
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.with_epochs().map(|(_, t)| t)
+        self.refs().map(|r| r.name)
     }
 
     /// `(epoch, name)` pairs.
+    pub fn with_epochs(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.refs().map(|r| (r.epoch, r.name))
+    }
+
+    /// Every tag with its slot and epoch.
     #[inline]
-    pub fn with_epochs(&self) -> TagIter<'_> {
+    pub fn refs(&self) -> TagIter<'_> {
         TagIter { buf: self.0.as_deref().unwrap_or(&[]) }
     }
 
@@ -86,18 +95,25 @@ impl TagList {
         self.iter().any(|t| t == tag)
     }
 
-    /// Sets every tag's epoch to `f(name, old epoch)`.
+    /// Sets every tag's epoch to `f(name, old epoch)`, keeping its slot.
     pub fn set_epochs(&mut self, mut f: impl FnMut(&[u8], u64) -> u64) {
+        self.set_refs(|r| (f(r.name, r.epoch), r.slot));
+    }
+
+    /// Sets every tag's `(epoch, slot)` to `f(current)`.
+    pub fn set_refs(&mut self, mut f: impl FnMut(TagRef<'_>) -> (u64, u32)) {
         let Some(buf) = self.0.as_deref_mut() else { return };
         let mut at = 0;
-        while at + EPOCH_LEN < buf.len() {
-            let Some((len, n)) = get_varint(&buf[at + EPOCH_LEN..]) else { return };
-            let name_at = at + EPOCH_LEN + n;
+        while at + HEAD < buf.len() {
+            let Some((len, n)) = get_varint(&buf[at + HEAD..]) else { return };
+            let name_at = at + HEAD + n;
             let Some(end) = name_at.checked_add(len).filter(|&e| e <= buf.len()) else { return };
-            let mut epoch = [0u8; EPOCH_LEN];
-            epoch.copy_from_slice(&buf[at..at + EPOCH_LEN]);
-            let new = f(&buf[name_at..end], u64::from_le_bytes(epoch));
-            buf[at..at + EPOCH_LEN].copy_from_slice(&new.to_le_bytes());
+            let (head, rest) = buf[at..].split_at_mut(HEAD);
+            let name = &rest[n..n + len];
+            let r = TagRef { epoch: read_u64(&head[..EPOCH_LEN]), slot: read_u32(&head[EPOCH_LEN..]), name };
+            let (epoch, slot) = f(r);
+            head[..EPOCH_LEN].copy_from_slice(&epoch.to_le_bytes());
+            head[EPOCH_LEN..].copy_from_slice(&slot.to_le_bytes());
             at = end;
         }
     }
@@ -108,21 +124,44 @@ impl TagList {
     }
 }
 
-/// Iterates over the `(epoch, name)` pairs of a [`TagList`].
+#[inline]
+fn read_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+#[inline]
+fn read_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+/// One tag of a list: its name and the slot and epoch it was attached under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TagRef<'a> {
+    pub epoch: u64,
+    pub slot: u32,
+    pub name: &'a [u8],
+}
+
+/// Iterates over the tags of a [`TagList`].
 pub struct TagIter<'a> {
     buf: &'a [u8],
 }
 
 impl<'a> Iterator for TagIter<'a> {
-    type Item = (u64, &'a [u8]);
+    type Item = TagRef<'a>;
     #[inline]
-    fn next(&mut self) -> Option<(u64, &'a [u8])> {
-        let epoch: [u8; EPOCH_LEN] = self.buf.get(..EPOCH_LEN)?.try_into().ok()?;
-        let (len, n) = get_varint(&self.buf[EPOCH_LEN..])?;
-        let rest = &self.buf[EPOCH_LEN + n..];
-        let tag = rest.get(..len)?;
+    fn next(&mut self) -> Option<TagRef<'a>> {
+        let head = self.buf.get(..HEAD)?;
+        let (len, n) = get_varint(&self.buf[HEAD..])?;
+        let rest = &self.buf[HEAD + n..];
+        let name = rest.get(..len)?;
+        let r = TagRef { epoch: read_u64(&head[..EPOCH_LEN]), slot: read_u32(&head[EPOCH_LEN..]), name };
         self.buf = &rest[len..];
-        Some((u64::from_le_bytes(epoch), tag))
+        Some(r)
     }
 }
 
@@ -152,6 +191,9 @@ mod tests {
         });
         let got: Vec<(u64, &[u8])> = list.with_epochs().collect();
         assert_eq!(got, vec![(10, &b"a"[..]), (20, &b"bb"[..])]);
+        list.set_refs(|r| (r.epoch + 1, r.name.len() as u32 + 100));
+        let got: Vec<(u64, u32)> = list.refs().map(|r| (r.epoch, r.slot)).collect();
+        assert_eq!(got, vec![(11, 101), (21, 102)]);
         list.set_epochs(|_, _| DEAD);
         assert!(list.with_epochs().all(|(e, _)| e == DEAD));
     }

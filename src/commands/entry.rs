@@ -112,7 +112,7 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     let key = ReadKey::open(ctx, args[1]);
     let entry = match key.slot() {
         // Entries without a deadline skip the clock read; untagged ones skip the index.
-        Slot::Entry(e) if (e.fresh_until() == NO_DEADLINE || e.is_fresh(now_ms())) && tagindex::is_valid(ctx, e) => e,
+        Slot::Entry(e) if (e.fresh_until() == NO_DEADLINE || e.is_fresh(now_ms())) && tagindex::is_valid(e) => e,
         Slot::WrongType => return reply::wrong_type(ctx),
         Slot::Empty | Slot::Entry(_) => {
             stats::MISSES.bump();
@@ -148,7 +148,7 @@ pub fn meta(ctx: Ctx, args: &[RStr]) -> c_int {
     }
     let key = ReadKey::open(ctx, args[1]);
     let e = match key.slot() {
-        Slot::Entry(e) if tagindex::is_valid(ctx, e) => e,
+        Slot::Entry(e) if tagindex::is_valid(e) => e,
         // An invalidated entry is gone for readers, whether or not it was reclaimed yet.
         Slot::Entry(_) | Slot::Empty => return reply::null(ctx),
         Slot::WrongType => return reply::wrong_type(ctx),
