@@ -66,11 +66,12 @@ pub struct SetArgv {
 
 impl SetArgv {
     /// The SET for a command's own `key`. `value` is the command's value argument when the entry stores
-    /// it unchanged (no compression applied here), which saves a copy.
-    pub fn new(ctx: Ctx, key: RStr, value: Option<RStr>, entry: &Entry, ttl: KeyTtl) -> Self {
-        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()), owned: Vec::new() };
+    /// it unchanged (no compression applied here), and `tags` its `numtags tag...` arguments when the entry
+    /// kept them all (no repeats): both are passed on without copies.
+    pub fn new(ctx: Ctx, key: RStr, value: Option<RStr>, tags: Option<&[RStr]>, entry: &Entry, ttl: KeyTtl) -> Self {
+        let mut a = SetArgv { ctx, argv: Vec::with_capacity(12 + entry.tags().len()), owned: Vec::with_capacity(4) };
         a.argv.push(key);
-        a.fill(value, entry, ttl);
+        a.fill(value, tags, entry, ttl);
         a
     }
 
@@ -79,11 +80,11 @@ impl SetArgv {
     pub fn for_aof(key: RStr, entry: &Entry) -> Self {
         let mut a = SetArgv { ctx: std::ptr::null_mut(), argv: Vec::with_capacity(12 + entry.tags().len()), owned: Vec::new() };
         a.own_bytes(bytes(key));
-        a.fill(None, entry, KeyTtl::Keep);
+        a.fill(None, None, entry, KeyTtl::Keep);
         a
     }
 
-    fn fill(&mut self, value: Option<RStr>, entry: &Entry, ttl: KeyTtl) {
+    fn fill(&mut self, value: Option<RStr>, tag_args: Option<&[RStr]>, entry: &Entry, ttl: KeyTtl) {
         let w = words();
         match value {
             Some(v) => self.argv.push(v),
@@ -111,9 +112,14 @@ impl SetArgv {
         let tags = entry.tags();
         if !tags.is_empty() {
             self.argv.push(w.tags);
-            self.own_int(tags.len() as i64);
-            for t in tags.iter() {
-                self.own_bytes(t);
+            match tag_args {
+                Some(args) => self.argv.extend_from_slice(args),
+                None => {
+                    self.own_int(tags.len() as i64);
+                    for t in tags.iter() {
+                        self.own_bytes(t);
+                    }
+                }
             }
         }
     }

@@ -156,10 +156,16 @@ impl WriteKey {
         !self.0 .0.is_null() && unsafe { api!(RedisModule_DeleteKey)(self.0 .0) } == raw::REDISMODULE_OK as c_int
     }
 
-    /// Replaces whatever the key holds with `entry` and sets its absolute expiry (NO_DEADLINE: none).
-    /// Redis frees the old value (our `free` callback) and drops its TTL first.
+    /// Makes the key hold `entry` with absolute expiry `expire_at` (NO_DEADLINE: none). An entry already
+    /// there is replaced in place, which keeps the key's dictionary slot (the caller detaches its tags
+    /// first); an empty key gets a new value.
     pub fn store(&mut self, entry: Box<Entry>, expire_at: i64) -> Result<(), &'static str> {
         crate::stats::entry_added(&entry);
+        if let Some(old) = self.0.entry_mut() {
+            crate::stats::entry_removed(old);
+            *old = *entry;
+            return self.set_expire(expire_at);
+        }
         let ptr = Box::into_raw(entry);
         // SAFETY: open write handle; on success Redis owns `ptr` and will hand it to our free callback.
         let rc = unsafe { api!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr.cast::<c_void>()) };
@@ -169,9 +175,16 @@ impl WriteKey {
             crate::stats::entry_removed(&entry);
             return Err("ERR tiercache could not store the entry");
         }
+        self.set_expire(expire_at)
+    }
+
+    fn set_expire(&mut self, expire_at: i64) -> Result<(), &'static str> {
         if expire_at != NO_DEADLINE {
             // SAFETY: open write handle holding a value; SetAbsExpire exists since Redis 6.2.
             unsafe { api!(RedisModule_SetAbsExpire)(self.0 .0, expire_at) };
+        } else if self.0.expire_at() != NO_DEADLINE {
+            // SAFETY: as above; NO_EXPIRE removes the TTL.
+            unsafe { api!(RedisModule_SetExpire)(self.0 .0, raw::REDISMODULE_NO_EXPIRE as i64) };
         }
         Ok(())
     }

@@ -74,6 +74,8 @@ pub struct SetArgs<'a> {
     /// The stale window in milliseconds (STALE is given in seconds).
     pub stale_ms: i64,
     pub tags: Vec<&'a [u8]>,
+    /// Where `numtags` stands in the options given (so a caller can reuse the original arguments).
+    pub tags_at: Option<usize>,
     pub compression: Compression,
     pub created: Option<i64>,
 }
@@ -103,6 +105,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
     let mut keep_ttl = false;
     let mut stale = None;
     let mut tags = None;
+    let mut tags_at = None;
     let mut compression = None;
     let mut created = None;
     let mut i = 0;
@@ -155,6 +158,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
                 return Err(ArgError::EmptyTag);
             }
             tags = Some(list.to_vec());
+            tags_at = Some(i + 1);
             i = start + n;
         } else if is("NOCOMPRESS") {
             if compression.is_some() {
@@ -195,6 +199,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
         keep_ttl,
         stale_ms: stale.unwrap_or(0),
         tags: tags.unwrap_or_default(),
+        tags_at,
         compression: compression.unwrap_or(Compression::Auto),
         created,
     })
@@ -271,6 +276,7 @@ mod tests {
     fn tags_compression_and_internal_options() {
         let a = set(&["TAGS", "2", "a", "b", "NOCOMPRESS", "CREATED", "77", "KEEPTTL"]).unwrap();
         assert_eq!(a.tags, vec![&b"a"[..], b"b"]);
+        assert_eq!(a.tags_at, Some(1));
         assert_eq!(a.compression, Compression::Verbatim(Encoding::Raw));
         assert_eq!(a.created, Some(77));
         assert!(a.keep_ttl);

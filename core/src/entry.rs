@@ -186,7 +186,7 @@ mod tests {
     use crate::clock::{Clock, ManualClock};
 
     fn tags(t: &[&[u8]]) -> TagList {
-        TagList::new(t.iter().copied())
+        TagList::new(t)
     }
 
     #[test]

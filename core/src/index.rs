@@ -303,7 +303,7 @@ mod tests {
     use super::*;
 
     fn tl(t: &[&str]) -> TagList {
-        TagList::new(t.iter().map(|s| s.as_bytes()))
+        TagList::new(&t.iter().map(|s| s.as_bytes()).collect::<Vec<_>>())
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
     if flags & !FLAG_INVALIDATED != 0 {
         return Err(LoadError::Invalid("flags"));
     }
-    let mut tags = TagList::new(tags.iter().map(Vec::as_slice));
+    let mut tags = TagList::new(&tags.iter().map(Vec::as_slice).collect::<Vec<_>>());
     if flags & FLAG_INVALIDATED != 0 {
         tags.set_epochs(|_, _| DEAD);
     }
@@ -161,7 +161,7 @@ mod tests {
     use crate::entry::{Storage, NO_DEADLINE};
 
     fn sample(value: &[u8], tags: &[&[u8]]) -> Entry {
-        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, TagList::new(tags.iter().copied()))
+        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, TagList::new(tags))
             .unwrap()
     }
 

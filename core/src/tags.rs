@@ -31,6 +31,10 @@ fn put_varint(out: &mut Vec<u8>, mut v: usize) {
     }
 }
 
+fn varint_len(v: usize) -> usize {
+    (usize::BITS - (v | 1).leading_zeros()).div_ceil(7) as usize
+}
+
 fn get_varint(buf: &[u8]) -> Option<(usize, usize)> {
     let mut v: usize = 0;
     for (i, &b) in buf.iter().enumerate().take(10) {
@@ -46,24 +50,21 @@ impl TagList {
     pub const EMPTY: TagList = TagList(None);
 
     /// Builds a list from tags (all [`PENDING`]), dropping repeats (the first occurrence keeps its place).
-    pub fn new<'a, I: IntoIterator<Item = &'a [u8]>>(tags: I) -> Self {
-        let mut buf = Vec::new();
-        let mut seen: Vec<&[u8]> = Vec::new();
-        for tag in tags {
-            if seen.contains(&tag) {
-                continue;
-            }
-            seen.push(tag);
+    /// One exact-size allocation; none for no tags.
+    pub fn new(tags: &[&[u8]]) -> Self {
+        if tags.is_empty() {
+            return TagList(None);
+        }
+        let first = |i: usize| !tags[..i].contains(&tags[i]);
+        let size: usize = (0..tags.len()).filter(|&i| first(i)).map(|i| HEAD + varint_len(tags[i].len()) + tags[i].len()).sum();
+        let mut buf = Vec::with_capacity(size);
+        for i in (0..tags.len()).filter(|&i| first(i)) {
             buf.extend_from_slice(&PENDING.to_le_bytes());
             buf.extend_from_slice(&0u32.to_le_bytes());
-            put_varint(&mut buf, tag.len());
-            buf.extend_from_slice(tag);
+            put_varint(&mut buf, tags[i].len());
+            buf.extend_from_slice(tags[i]);
         }
-        if seen.is_empty() {
-            TagList(None)
-        } else {
-            TagList(Some(buf.into_boxed_slice()))
-        }
+        TagList(Some(buf.into_boxed_slice()))
     }
 
     #[inline]
@@ -173,7 +174,7 @@ mod tests {
     fn keeps_order_drops_repeats_and_is_binary_safe() {
         let long = vec![b'x'; 300];
         let tags: Vec<&[u8]> = vec![b"user:42", b"a\0b", b"user:42", &long, b"\xff"];
-        let list = TagList::new(tags);
+        let list = TagList::new(&tags);
         let got: Vec<&[u8]> = list.iter().collect();
         assert_eq!(got, vec![&b"user:42"[..], b"a\0b", &long[..], b"\xff"]);
         assert_eq!(list.len(), 4);
@@ -184,7 +185,7 @@ mod tests {
 
     #[test]
     fn epochs_are_set_in_place() {
-        let mut list = TagList::new([&b"a"[..], b"bb"]);
+        let mut list = TagList::new(&[&b"a"[..], b"bb"]);
         list.set_epochs(|name, old| {
             assert_eq!(old, PENDING);
             name.len() as u64 * 10
@@ -199,8 +200,18 @@ mod tests {
     }
 
     #[test]
+    fn varint_lengths() {
+        for (v, n) in [(0, 1), (1, 1), (127, 1), (128, 2), (16383, 2), (16384, 3)] {
+            assert_eq!(varint_len(v), n, "{v}");
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            assert_eq!(b.len(), n);
+        }
+    }
+
+    #[test]
     fn empty_list_allocates_nothing() {
-        let list = TagList::new(std::iter::empty());
+        let list = TagList::new(&[]);
         assert!(list.is_empty());
         assert_eq!(list.len(), 0);
         assert_eq!(list.heap_size(), 0);

@@ -51,7 +51,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         Compression::Auto => Storage::Auto { compress_min_size: COMPRESS_MIN_SIZE.get() as usize },
         Compression::Verbatim(encoding) => Storage::Verbatim(encoding),
     };
-    let tags = TagList::new(parsed.tags.iter().copied());
+    let tags = TagList::new(&parsed.tags);
     let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
         Ok(e) => e,
         Err(e) => return reply::error(ctx, &format!("ERR {e}")),
@@ -61,6 +61,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Slot::WrongType = key.slot() {
         return reply::wrong_type(ctx);
     }
+    let db = tagindex::selected_db(ctx);
     let (expire_at, key_ttl) = if parsed.keep_ttl {
         (key.expire_at(), KeyTtl::Keep)
     } else {
@@ -68,13 +69,21 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     // The stored bytes are the value argument itself unless this SET compressed it.
     let unchanged = !(matches!(storage, Storage::Auto { .. }) && entry.encoding() == Encoding::Lz4);
-    let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), &entry, key_ttl);
+    // The numtags and tag arguments themselves, when the entry kept every tag (no repeats).
+    let tag_args = parsed
+        .tags_at
+        .filter(|_| entry.tags().len() == parsed.tags.len())
+        .and_then(|at| args.get(3 + at..3 + at + 1 + parsed.tags.len()));
+    let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl);
+    // The old entry is replaced in place (no unlink callback): take it out of the tag index here.
+    if let Some(old) = key.entry_mut() {
+        tagindex::detach(db, bytes(args[1]), old);
+    }
     if let Err(msg) = key.store(Box::new(entry), expire_at) {
         return reply::error(ctx, msg);
     }
-    // After the store: replacing the old value ran its unlink (detach) first.
     if let Some(e) = key.entry_mut() {
-        tagindex::attach(ctx, tagindex::selected_db(ctx), bytes(args[1]), e);
+        tagindex::attach(ctx, db, bytes(args[1]), e);
     }
     drop(key);
     effect.replicate();

@@ -54,7 +54,7 @@ pub fn tagkeys(ctx: Ctx, args: &[RStr]) -> c_int {
             Some(_) => return reply::error(ctx, "ERR COUNT must be a positive integer"),
             None => return reply::error(ctx, "ERR value is not an integer or out of range"),
         },
-        3 | 4 => return reply::error(ctx, "ERR syntax error"),
+        n if n >= 3 => return reply::error(ctx, "ERR syntax error"),
         _ => return reply::wrong_arity(ctx),
     };
     let db = tagindex::selected_db(ctx);

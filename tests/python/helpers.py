@@ -265,3 +265,101 @@ def capture(clients: dict, keys: dict):
     return out
 
 
+
+
+# ---- tag invalidation (TAGS.md) -----------------------------------------------------------------------
+
+DEFAULT_RECLAIM_BUDGET = 1000
+DEFAULT_INVALIDATION_CHANNEL = b"tiercache:invalidations"
+
+
+def tc_invalidate(r: redis.Redis, *tags):
+    return r.execute_command("TIERCACHE.INVALIDATE", *tags)
+
+
+def tc_tagcount(r: redis.Redis, tag):
+    return r.execute_command("TIERCACHE.TAGCOUNT", tag)
+
+
+def tc_tagkeys(r: redis.Redis, tag, *opts):
+    return r.execute_command("TIERCACHE.TAGKEYS", tag, *opts)
+
+
+def wait_reclaim_done(r: redis.Redis, timeout: float = 15.0) -> dict:
+    """Polls TIERCACHE.STATS until reclaim_pending is 0; returns those stats."""
+    last = {}
+
+    def done():
+        last["s"] = stats(r)
+        return last["s"]["reclaim_pending"] == 0
+
+    wait_for(done, timeout=timeout, interval=0.02, what="reclaim_pending == 0")
+    return last["s"]
+
+
+def db_count(r: redis.Redis) -> int:
+    return int(config_get(r, "databases"))
+
+
+def db_client(r: redis.Redis, db: int) -> redis.Redis:
+    """A new client like `r` (same server and protocol) on database `db`; the caller closes it."""
+    kw = dict(r.connection_pool.connection_kwargs)
+    kw["db"] = db
+    return redis.Redis(connection_pool=redis.ConnectionPool(**kw))
+
+
+def live_tag_index(r: redis.Redis) -> dict[int, dict[bytes, set]]:
+    """What the tag index should hold, computed from the keyspace: per db, tag -> keys of the live
+    tiercache entries (SCAN every db, TIERCACHE.META non-nil) carrying it."""
+    out: dict[int, dict[bytes, set]] = {}
+    for db in range(db_count(r)):
+        c = db_client(r, db)
+        try:
+            keys = list(c.scan_iter(count=1000))
+            index: dict[bytes, set] = {}
+            if keys:
+                p = c.pipeline(transaction=False)
+                for k in keys:
+                    p.execute_command("TIERCACHE.META", k)
+                for k, raw in zip(keys, p.execute(raise_on_error=False)):
+                    if raw is None or isinstance(raw, redis.ResponseError):  # invalidated / other type
+                        continue
+                    for t in normalise(raw)["tags"]:
+                        index.setdefault(t, set()).add(k)
+            if index:
+                out[db] = index
+        finally:
+            c.close()
+    return out
+
+
+def assert_tag_index_exact(r: redis.Redis, also_tags=(), timeout: float = 15.0) -> dict[int, dict[bytes, set]]:
+    """Waits for reclaim_pending == 0, then checks TAGS.md "Index must stay exact": TAGCOUNT/TAGKEYS of
+    every live tag (and of `also_tags`, e.g. tags that should be gone) in every db agree with the keys,
+    tag_index_entries == sum over live entries of their number of tags, tags == number of distinct tags
+    on live entries (over all dbs). Returns the computed index."""
+    wait_reclaim_done(r, timeout=timeout)
+    expected = live_tag_index(r)
+    for db in range(db_count(r)):
+        want = expected.get(db, {})
+        tags = set(want) | set(also_tags)
+        if not tags:
+            continue
+        c = db_client(r, db)
+        try:
+            for t in sorted(tags):
+                keys = want.get(t, set())
+                assert tc_tagcount(c, t) == len(keys), f"TAGCOUNT {t!r} in db {db}: want {len(keys)}"
+                got = tc_tagkeys(c, t, "COUNT", len(keys) + 100)
+                assert isinstance(got, list), got
+                assert sorted(got) == sorted(keys), f"TAGKEYS {t!r} in db {db}"
+        finally:
+            c.close()
+    s = stats(r)
+    summary = {db: {t: len(ks) for t, ks in index.items()} for db, index in expected.items()}
+    entries = sum(len(ks) for index in expected.values() for ks in index.values())
+    assert s["tag_index_entries"] == entries, f"tag_index_entries {s['tag_index_entries']} != {entries}: {summary}"
+    # A tag is indexed per database: `tags` counts (db, tag) pairs.
+    pairs = sum(len(index) for index in expected.values())
+    assert s["tags"] == pairs, f"tags {s['tags']} != {pairs} (db, tag) pairs: {summary}"
+    return expected
