@@ -1076,3 +1076,40 @@ pub fn compare_snapshots(a: &[Snap], b: &[Snap], what: &str) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining (added for tests/tags.rs).
+
+impl Conn {
+    /// Sends `cmds` in pipelines of at most 500 commands and returns every reply in order; server
+    /// errors come back as `Value::ServerError` (never a panic), I/O errors panic.
+    pub fn pipeline(&mut self, cmds: &[redis::Cmd]) -> Vec<Value> {
+        use redis::ConnectionLike;
+        let mut out = Vec::with_capacity(cmds.len());
+        for chunk in cmds.chunks(500) {
+            let mut packed = Vec::new();
+            for c in chunk {
+                c.write_packed_command(&mut packed);
+            }
+            match self.con.req_packed_commands(&packed, 0, chunk.len()) {
+                Ok(v) => {
+                    assert_eq!(v.len(), chunk.len(), "pipeline: reply count");
+                    out.extend(v);
+                }
+                Err(e) => panic!("I/O error on a pipeline of {} commands (first {:?}): {e}", chunk.len(), cmd_text(&chunk[0])),
+            }
+        }
+        out
+    }
+
+    /// Pipelines `cmds` and asserts none of them failed; returns the replies.
+    pub fn pipeline_ok(&mut self, cmds: &[redis::Cmd]) -> Vec<Value> {
+        let replies = self.pipeline(cmds);
+        for (c, v) in cmds.iter().zip(&replies) {
+            if let Value::ServerError(e) = v {
+                panic!("{:?} failed in a pipeline: {}", cmd_text(c), error_text(e));
+            }
+        }
+        replies
+    }
+}
