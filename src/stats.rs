@@ -27,6 +27,12 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Relaxed)
     }
+    /// Raises the value to `v` if it is lower (a running maximum).
+    pub fn at_least(&self, v: u64) {
+        if v > self.0.load(Relaxed) {
+            self.0.store(v, Relaxed);
+        }
+    }
 }
 
 pub static HITS: Counter = Counter::new();
@@ -34,6 +40,8 @@ pub static MISSES: Counter = Counter::new();
 pub static SETS: Counter = Counter::new();
 pub static INVALIDATIONS: Counter = Counter::new();
 pub static RECLAIMED: Counter = Counter::new();
+pub static RECLAIM_TICKS: Counter = Counter::new();
+pub static RECLAIM_MAX_TICK_US: Counter = Counter::new();
 
 static ENTRIES: AtomicI64 = AtomicI64::new(0);
 static COMPRESSED: AtomicI64 = AtomicI64::new(0);
@@ -60,7 +68,7 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 13] {
+pub fn fields() -> [(&'static str, Value<'static>); 15] {
     let index = crate::tagindex::index_stats();
     [
         ("entries", Value::Int(ENTRIES.load(Relaxed))),
@@ -76,6 +84,8 @@ pub fn fields() -> [(&'static str, Value<'static>); 13] {
         ("invalidation_messages", Value::Int(crate::tagindex::published() as i64)),
         ("reclaim_pending", Value::Int(index.reclaim_pending as i64)),
         ("reclaimed", Value::Int(RECLAIMED.get() as i64)),
+        ("reclaim_ticks", Value::Int(RECLAIM_TICKS.get() as i64)),
+        ("reclaim_max_tick_us", Value::Int(RECLAIM_MAX_TICK_US.get() as i64)),
     ]
 }
 

@@ -1,6 +1,7 @@
 //! The module's side of the tag index (`tiercache_core::index`): the registry itself (main-thread
 //! state), the events that keep it exact (keyspace events for entries that arrive under a new name, server
-//! events for flushes, SWAPDB, async loading and promotion), the reclaim timer, and the invalidation
+//! events for flushes, SWAPDB and promotion; the module does not opt into async diskless loading, so a
+//! replica always loads with per-key `loaded` events), the reclaim timer, and the invalidation
 //! messages published for L1 caches.
 //!
 //! The registry lives in a thread-local: every caller runs on Redis's main thread (or in a forked child,
@@ -8,12 +9,13 @@
 //! even opening a key can run our unlink callback, which needs the registry again.
 
 use std::cell::{Cell, RefCell};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
 use std::time::{Duration, Instant};
 
 use redis_module::raw;
-use tiercache_core::index::{Attach, IndexStats, Registry};
+use tiercache_core::index::{Attach, Garbage, IndexStats, Registry};
 use tiercache_core::tags::TagList;
 use tiercache_core::Entry;
 
@@ -27,17 +29,51 @@ thread_local! {
     static TIMER_ARMED: Cell<bool> = const { Cell::new(false) };
     static SEQ: Cell<u64> = const { Cell::new(0) };
     static RUN_ID: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
+    /// The database of each key deleted in the current reclaim tick.
+    static DB_OF: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Milliseconds between reclaim ticks while keys are queued.
-const RECLAIM_PERIOD_MS: i64 = 2;
-/// Wall-clock cap of one reclaim tick, whatever the key budget.
-const RECLAIM_TICK_CAP: Duration = Duration::from_micros(1000);
+const RECLAIM_PERIOD_MS: i64 = 1;
+/// Wall-clock cap of one reclaim tick, whatever the key budget: with Redis's own incremental rehashing
+/// (up to 1 ms per cron run while a shrinking keyspace is rehashed) a client still waits under 2 ms.
+const RECLAIM_TICK_CAP: Duration = Duration::from_micros(500);
 
 /// Runs `f` with the registry; `None` if it is already borrowed (a re-entrant call we refuse rather
-/// than panic on).
+/// than panic on). Large structures the call released are freed on a background thread.
 pub fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> Option<R> {
-    REGISTRY.with(|r| r.try_borrow_mut().ok().map(|mut r| f(&mut r)))
+    let (r, garbage) = REGISTRY.with(|r| {
+        let mut r = r.try_borrow_mut().ok()?;
+        let out = f(&mut r);
+        Some((out, r.take_garbage()))
+    })?;
+    if !garbage.is_empty() {
+        free_in_background(garbage);
+    }
+    Some(r)
+}
+
+/// Frees tables of millions of keys off the main thread, as Redis's own lazy free does (freeing one
+/// takes milliseconds). The memory comes from Redis's allocator, which is thread-safe.
+fn free_in_background(garbage: Vec<Garbage>) {
+    static SENDER: OnceLock<Mutex<mpsc::Sender<Vec<Garbage>>>> = OnceLock::new();
+    let sender = SENDER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Vec<Garbage>>();
+        let spawned = std::thread::Builder::new().name("tiercache-free".into()).spawn(move || {
+            for batch in rx {
+                drop(batch);
+            }
+        });
+        if spawned.is_err() {
+            // No thread: the receiver is gone, so sends fail and garbage is freed inline below.
+        }
+        Mutex::new(tx)
+    });
+    let unsent = match sender.lock() {
+        Ok(tx) => tx.send(garbage).err().map(|e| e.0),
+        Err(_) => Some(garbage),
+    };
+    drop(unsent);
 }
 
 pub fn selected_db(ctx: Ctx) -> usize {
@@ -176,24 +212,58 @@ unsafe extern "C" fn reclaim_tick(ctx: Ctx, _data: *mut c_void) {
         let budget = config::RECLAIM_BUDGET.get().max(1) as usize;
         let started = Instant::now();
         let mut done = 0;
+        let mut deleted: Vec<RStr> = Vec::new();
         while done < budget && started.elapsed() < RECLAIM_TICK_CAP {
-            let batch = with(|r| r.take_reclaim((budget - done).min(64))).unwrap_or_default();
+            let batch = with(|r| r.take_reclaim((budget - done).min(16))).unwrap_or_default();
             if batch.is_empty() {
                 break;
             }
             done += batch.len();
             for (db, key) in batch {
-                reclaim_one(ctx, db, &key);
+                if let Some(name) = reclaim_one(ctx, db, &key) {
+                    deleted.push(name);
+                }
             }
         }
+        replicate_dels(ctx, &deleted);
+        stats::RECLAIM_TICKS.bump();
+        stats::RECLAIM_MAX_TICK_US.at_least(started.elapsed().as_micros() as u64);
         arm_reclaim(ctx);
     });
 }
 
-fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) {
+/// One DEL per database touched in this tick, instead of one per key (each RM_Replicate looks the
+/// command up by name).
+fn replicate_dels(ctx: Ctx, deleted: &[RStr]) {
+    // Keys were collected in database order (take_reclaim drains db by db); DEL goes to the db selected
+    // when it is replicated, so flush a batch whenever the db changes.
+    let mut start = 0;
+    while start < deleted.len() {
+        let db = DB_OF.with(|d| d.borrow()[start]);
+        let mut end = start;
+        while end < deleted.len() && DB_OF.with(|d| d.borrow()[end]) == db {
+            end += 1;
+        }
+        // SAFETY: live timer context; the db came from the index; "v" takes an array of strings and its
+        // length, which Redis retains as needed.
+        unsafe {
+            api!(RedisModule_SelectDb)(ctx, db as c_int);
+            api!(RedisModule_Replicate)(ctx, c"DEL".as_ptr(), c"v".as_ptr(), deleted[start..end].as_ptr(), end - start);
+        }
+        start = end;
+    }
+    for &name in deleted {
+        free_string(ctx, name);
+    }
+    DB_OF.with(|d| d.borrow_mut().clear());
+}
+
+/// Deletes `key` in `db` if it still holds an invalidated entry; returns its name (to replicate, then
+/// free) when it did.
+fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) -> Option<RStr> {
     // SAFETY: live timer context; the db id came from the index.
     if unsafe { api!(RedisModule_SelectDb)(ctx, db as c_int) } != OK {
-        return;
+        return None;
     }
     let name = new_string(ctx, key);
     let mut k = WriteKey::open(ctx, name);
@@ -203,14 +273,15 @@ fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) {
     };
     if dead && k.delete() {
         drop(k);
-        // SAFETY: live context and key name; "s" takes one RedisModuleString.
-        unsafe {
-            api!(RedisModule_Replicate)(ctx, c"DEL".as_ptr(), c"s".as_ptr(), name);
-            api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name);
-        }
+        // SAFETY: live context and key name.
+        unsafe { api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name) };
         stats::RECLAIMED.bump();
+        DB_OF.with(|d| d.borrow_mut().push(db));
+        return Some(name);
     }
+    drop(k);
     free_string(ctx, name);
+    None
 }
 
 // ---- events ------------------------------------------------------------------------------------
@@ -250,11 +321,6 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
                 with(|r| r.swap(a, b));
             }
         }
-        raw::REDISMODULE_EVENT_REPL_ASYNC_LOAD if sub == raw::REDISMODULE_SUBEVENT_REPL_ASYNC_LOAD_COMPLETED => {
-            // The freshly loaded dataset was swapped in without per-key events: index it from scratch.
-            with(|r| r.flush(None));
-            index_everything(ctx);
-        }
         raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER => {
             // A promoted replica never queued invalidated entries: find them now.
             index_everything(ctx);
@@ -276,7 +342,7 @@ unsafe extern "C" fn scan_one(ctx: Ctx, name: RStr, key: *mut raw::RedisModuleKe
 }
 
 /// Attaches every entry of every database (idempotent for entries already indexed) and queues the dead
-/// ones. O(keys): runs only after an async load and on promotion.
+/// ones. O(keys): runs only when a replica is promoted.
 fn index_everything(ctx: Ctx) {
     // SAFETY: live context; every db is selected in turn and the original restored; each cursor is
     // destroyed after its scan.
@@ -305,7 +371,6 @@ pub fn register(ctx: Ctx) -> bool {
         for id in [
             raw::REDISMODULE_EVENT_FLUSHDB,
             raw::REDISMODULE_EVENT_SWAPDB,
-            raw::REDISMODULE_EVENT_REPL_ASYNC_LOAD,
             raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED,
         ] {
             let ev = raw::RedisModuleEvent { id, dataver: 1 };

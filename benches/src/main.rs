@@ -7,7 +7,8 @@
 //!   microseconds.
 //! - `fill PORT N PREFIX TAG [TAG...]`: writes N entries `PREFIX<i>` with a 100-byte value and the given tags,
 //!   pipelined 1000 at a time (use `-` as the only tag for untagged entries; `@set` writes native SET plus
-//!   SADD into a set named by the first tag, the peers' tag index).
+//!   SADD into a set named by the second argument, the peers' tag index).
+//! - `wait-reclaim PORT`: waits until TIERCACHE.STATS shows reclaim_pending 0 and prints how long it took.
 
 use std::time::{Duration, Instant};
 
@@ -37,11 +38,13 @@ fn main() {
             }
             lat.sort_unstable();
             println!(
-                "round_trips={} p50_us={} p999_us={} max_us={}",
+                "round_trips={} p50_us={} p999_us={} max_us={} over_1ms={} over_2ms={}",
                 lat.len(),
                 percentile(&lat, 0.5),
                 percentile(&lat, 0.999),
-                lat.last().copied().unwrap_or(0)
+                lat.last().copied().unwrap_or(0),
+                lat.iter().filter(|&&l| l > 1000).count(),
+                lat.iter().filter(|&&l| l > 2000).count()
             );
         }
         Some("time") => {
@@ -86,6 +89,23 @@ fn main() {
                 p.query::<()>(&mut c).expect("fill");
                 i += 1000;
             }
+        }
+        Some("wait-reclaim") => {
+            // Polls over one connection (spawning redis-cli would disturb a probe on the same core).
+            let mut c = conn(&args[2]);
+            let t = Instant::now();
+            loop {
+                let stats: Vec<redis::Value> = redis::cmd("TIERCACHE.STATS").query(&mut c).expect("stats");
+                let pending = stats
+                    .chunks(2)
+                    .find(|kv| matches!(&kv[0], redis::Value::BulkString(k) if k == b"reclaim_pending"))
+                    .and_then(|kv| if let redis::Value::Int(n) = kv[1] { Some(n) } else { None });
+                if pending == Some(0) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!("reclaim_ms={}", t.elapsed().as_millis());
         }
         _ => {
             eprintln!("usage: tiercache-bench probe PORT MILLIS | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG...");

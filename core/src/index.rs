@@ -19,6 +19,13 @@ use crate::tags::{TagList, DEAD, PENDING};
 type Key = Box<[u8]>;
 type KeySet = HashSet<Key, RandomState>;
 
+/// Something large the index no longer needs, to be dropped off the caller's thread.
+pub type Garbage = Box<dyn std::any::Any + Send>;
+
+/// Structures with more entries than this are handed out as [`Garbage`] instead of being freed inline
+/// (freeing a table of a million keys takes milliseconds).
+pub const BIG: usize = 4096;
+
 /// One tag of one database. Slots live in one vector and are numbered; a freed slot gets epoch 0 and
 /// its number is reused with a new epoch, so an entry holding an old (slot, epoch) pair never matches.
 #[derive(Debug, Default)]
@@ -31,8 +38,8 @@ struct Slot {
 #[derive(Debug, Default)]
 struct DbIndex {
     by_name: HashMap<Key, u32, RandomState>,
-    /// Key sets taken out by invalidations, drained a few keys at a time.
-    queue: VecDeque<std::collections::hash_set::IntoIter<Key>>,
+    /// Key sets taken out by invalidations (with their original size), drained a few keys at a time.
+    queue: VecDeque<(std::collections::hash_set::IntoIter<Key>, usize)>,
     queued: usize,
     members: usize,
 }
@@ -53,6 +60,7 @@ pub struct Registry {
     free: Vec<u32>,
     dbs: Vec<DbIndex>,
     last_epoch: u64,
+    garbage: Vec<Garbage>,
 }
 
 /// Gauges for INFO.
@@ -97,6 +105,18 @@ impl Registry {
                 (self.slots.len() - 1) as u32
             }
         }
+    }
+
+    /// Drops `t` here if small, or keeps it for [`Registry::take_garbage`].
+    fn discard<T: std::any::Any + Send>(&mut self, t: T, size: usize) {
+        if size > BIG {
+            self.garbage.push(Box::new(t));
+        }
+    }
+
+    /// Large structures released since the last call, for the caller to drop elsewhere.
+    pub fn take_garbage(&mut self) -> Vec<Garbage> {
+        std::mem::take(&mut self.garbage)
     }
 
     /// Frees a slot; returns its keys.
@@ -207,8 +227,14 @@ impl Registry {
             for set in taken {
                 if !set.is_empty() {
                     index.queued += set.len();
-                    index.queue.push_back(set.into_iter());
+                    let n = set.len();
+                    index.queue.push_back((set.into_iter(), n));
                 }
+            }
+        } else {
+            for set in taken {
+                let n = set.len();
+                self.discard(set, n);
             }
         }
         count
@@ -220,29 +246,31 @@ impl Registry {
         let mut one = KeySet::default();
         one.insert(Key::from(key));
         index.queued += 1;
-        index.queue.push_back(one.into_iter());
+        index.queue.push_back((one.into_iter(), 1));
     }
 
     /// Takes up to `budget` queued keys, oldest invalidation first, as `(db, key)`.
     pub fn take_reclaim(&mut self, budget: usize) -> Vec<(usize, Key)> {
         let mut out = Vec::new();
+        let mut spent = Vec::new();
         for (db, index) in self.dbs.iter_mut().enumerate() {
             while out.len() < budget {
-                let Some(front) = index.queue.front_mut() else { break };
+                let Some((front, _)) = index.queue.front_mut() else { break };
                 match front.next() {
                     Some(key) => {
                         index.queued -= 1;
                         out.push((db, key));
                     }
-                    None => {
-                        index.queue.pop_front();
-                    }
+                    None => spent.extend(index.queue.pop_front()),
                 }
             }
             // Release exhausted iterators (and their tables) promptly.
-            while index.queue.front().is_some_and(|it| it.len() == 0) {
-                index.queue.pop_front();
+            while index.queue.front().is_some_and(|(it, _)| it.len() == 0) {
+                spent.extend(index.queue.pop_front());
             }
+        }
+        for (it, n) in spent {
+            self.discard(it, n);
         }
         out
     }
@@ -270,15 +298,19 @@ impl Registry {
         match db {
             Some(db) => {
                 let Some(index) = self.dbs.get_mut(db) else { return };
-                let ids: Vec<u32> = std::mem::take(index).by_name.into_values().collect();
-                for id in ids {
-                    self.release(id);
+                let old = std::mem::take(index);
+                let mut size = old.queued + old.by_name.len();
+                let mut sets = Vec::with_capacity(old.by_name.len());
+                for &id in old.by_name.values() {
+                    size += self.slots[id as usize].keys.len();
+                    sets.push(self.release(id));
                 }
+                self.discard((old, sets), size);
             }
             None => {
-                self.dbs.clear();
-                self.slots.clear();
-                self.free.clear();
+                let size = self.slots.iter().map(|s| s.keys.len()).sum::<usize>() + self.reclaim_pending();
+                let old = (std::mem::take(&mut self.dbs), std::mem::take(&mut self.slots), std::mem::take(&mut self.free));
+                self.discard(old, size);
             }
         }
     }
@@ -402,5 +434,24 @@ mod tests {
         assert_eq!(r.take_reclaim(5), vec![(2, Key::from(&b"dead"[..]))]);
         r.flush(None);
         assert_eq!(r.stats(), IndexStats::default());
+        assert!(r.take_garbage().is_empty(), "small structures are freed inline");
+    }
+
+    #[test]
+    fn big_structures_become_garbage() {
+        let mut r = Registry::new();
+        let mut lists: Vec<TagList> = (0..BIG + 10).map(|_| tl(&["t"])).collect();
+        for (i, l) in lists.iter_mut().enumerate() {
+            r.attach(0, format!("k{i}").as_bytes(), l);
+        }
+        assert_eq!(r.invalidate(0, &[b"t"], false), BIG + 10);
+        assert_eq!(r.take_garbage().len(), 1, "a replica's dropped key set");
+        for (i, l) in lists.iter_mut().enumerate() {
+            *l = tl(&["u"]);
+            r.attach(0, format!("k{i}").as_bytes(), l);
+        }
+        r.invalidate(0, &[b"u"], true);
+        while !r.take_reclaim(1000).is_empty() {}
+        assert_eq!(r.take_garbage().len(), 1, "the drained reclaim table");
     }
 }

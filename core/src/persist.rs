@@ -2,7 +2,8 @@
 //! string-buffer fields) behind an encoding version. The module maps [`Sink`] and [`Source`] onto
 //! `RedisModule_Save*` / `RedisModule_Load*`; tests map them onto a vector.
 //!
-//! Encoding version 1, in order:
+//! Encoding version 2, in order (version 1, written before tags could be invalidated, is the same
+//! without field 7 and still loads):
 //! 1. unsigned: encoding (0 raw, 1 lz4)
 //! 2. signed: fresh deadline, unix ms, or -1 for none
 //! 3. signed: creation time, unix ms
@@ -20,7 +21,7 @@ use crate::entry::{Encoding, Entry};
 use crate::tags::{TagList, DEAD};
 
 /// The encoding version written today.
-pub const ENCODING_VERSION: i32 = 1;
+pub const ENCODING_VERSION: i32 = 2;
 /// At most this many tags are read back, whatever the payload claims.
 pub const MAX_PERSISTED_TAGS: u64 = 65_536;
 
@@ -81,7 +82,7 @@ pub fn save(entry: &Entry, invalidated: bool, out: &mut impl Sink) {
 
 /// Reads an entry written with encoding version `version`.
 pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
-    if version != ENCODING_VERSION {
+    if !(1..=ENCODING_VERSION).contains(&version) {
         return Err(LoadError::UnknownVersion(version));
     }
     let encoding = Encoding::from_code(src.get_unsigned()?).ok_or(LoadError::Invalid("encoding"))?;
@@ -101,7 +102,7 @@ pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
         }
         tags.push(tag);
     }
-    let flags = src.get_unsigned()?;
+    let flags = if version >= 2 { src.get_unsigned()? } else { 0 };
     if flags & !FLAG_INVALIDATED != 0 {
         return Err(LoadError::Invalid("flags"));
     }
@@ -209,17 +210,27 @@ mod tests {
         save(&e, false, &mut fields);
         let mut bad = fields.clone();
         bad[0] = Field::Unsigned(9);
-        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("encoding")));
+        assert_eq!(load(&mut bad.into_iter(), 2), Err(LoadError::Invalid("encoding")));
         let mut bad = fields.clone();
         bad[3] = Field::Unsigned(1 << 40);
-        assert!(load(&mut bad.into_iter(), 1).is_err());
+        assert!(load(&mut bad.into_iter(), 2).is_err());
         let mut bad = fields.clone();
         bad[5] = Field::Unsigned(u64::MAX);
-        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("tag count")));
+        assert_eq!(load(&mut bad.into_iter(), 2), Err(LoadError::Invalid("tag count")));
         let mut bad = fields.clone();
         let last = bad.len() - 1;
         bad[last] = Field::Unsigned(6);
-        assert_eq!(load(&mut bad.into_iter(), 1), Err(LoadError::Invalid("flags")));
-        assert_eq!(load(&mut fields.into_iter(), 2), Err(LoadError::UnknownVersion(2)));
+        assert_eq!(load(&mut bad.into_iter(), 2), Err(LoadError::Invalid("flags")));
+        assert_eq!(load(&mut fields.clone().into_iter(), 3), Err(LoadError::UnknownVersion(3)));
+        assert_eq!(load(&mut fields.into_iter(), 0), Err(LoadError::UnknownVersion(0)));
+    }
+
+    #[test]
+    fn version_1_loads_without_flags() {
+        let e = sample(b"old", &[b"t"]);
+        let mut fields: Vec<Field> = Vec::new();
+        save(&e, false, &mut fields);
+        fields.pop();
+        assert_eq!(load(&mut fields.into_iter(), 1).unwrap(), e);
     }
 }

@@ -64,7 +64,7 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 13] =
+pub const STATS_FIELDS: [&str; 15] =
     [
         "entries",
         "compressed_entries",
@@ -79,6 +79,8 @@ pub const STATS_FIELDS: [&str; 13] =
         "invalidation_messages",
         "reclaim_pending",
         "reclaimed",
+        "reclaim_ticks",
+        "reclaim_max_tick_us",
     ];
 
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";

@@ -38,6 +38,8 @@ STATS_FIELDS = [
     "invalidation_messages",
     "reclaim_pending",
     "reclaimed",
+    "reclaim_ticks",
+    "reclaim_max_tick_us",
 ]
 # META fields that do not move with the clock (the *_ttl_ms fields count down).
 STABLE_META_FIELDS = [f for f in META_FIELDS if f not in ("fresh_ttl_ms", "stale_ttl_ms")]

@@ -284,8 +284,10 @@ def test_stats_and_info_fields(r):
     for f in ("tags", "tag_index_entries", "invalidations", "invalidation_messages", "reclaim_pending", "reclaimed"):
         assert int(info[f"tiercache_{f}"]) == s2[f], f
     names = [k for k in info if k.startswith("tiercache_")]
-    assert names[-6:] == ["tiercache_tags", "tiercache_tag_index_entries", "tiercache_invalidations",
-                          "tiercache_invalidation_messages", "tiercache_reclaim_pending", "tiercache_reclaimed"]
+    assert names[-8:] == ["tiercache_tags", "tiercache_tag_index_entries", "tiercache_invalidations",
+                          "tiercache_invalidation_messages", "tiercache_reclaim_pending", "tiercache_reclaimed",
+                          "tiercache_reclaim_ticks", "tiercache_reclaim_max_tick_us"]
+    assert s2["reclaim_ticks"] >= 1 and s2["reclaim_max_tick_us"] > 0
 
 
 def test_stats_tags_counts_tags_per_database(r, r_db1):
