@@ -7,6 +7,7 @@ mod datatype;
 mod emit;
 mod ffi;
 mod keys;
+mod leases;
 mod reply;
 mod stats;
 mod tagindex;
@@ -25,7 +26,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         // SAFETY: OnLoad context; replaces the crate's default INFO callback with ours.
         unsafe { ffi::api!(RedisModule_RegisterInfoFunc)(ctx, Some(stats::info)) };
         emit::init();
-        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx) && tagindex::register(ctx)
+        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx) && tagindex::register(ctx) && leases::register(ctx)
     });
     if ok {
         Status::Ok

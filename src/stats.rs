@@ -41,6 +41,16 @@ pub static SETS: Counter = Counter::new();
 pub static INVALIDATIONS: Counter = Counter::new();
 pub static RECLAIMED: Counter = Counter::new();
 pub static RECLAIM_TICKS: Counter = Counter::new();
+pub static STALE_SERVED: Counter = Counter::new();
+pub static LEASES_GRANTED: Counter = Counter::new();
+pub static WAITERS_PARKED: Counter = Counter::new();
+pub static WAITERS_WOKEN: Counter = Counter::new();
+pub static WAIT_TIMEOUTS: Counter = Counter::new();
+pub static HANDOFFS: Counter = Counter::new();
+pub static LEASE_TIMEOUTS: Counter = Counter::new();
+pub static PASSES: Counter = Counter::new();
+pub static FENCED: Counter = Counter::new();
+pub static EARLY_REFRESHES: Counter = Counter::new();
 pub static RECLAIM_MAX_TICK_US: Counter = Counter::new();
 
 static ENTRIES: AtomicI64 = AtomicI64::new(0);
@@ -68,8 +78,9 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 15] {
+pub fn fields() -> [(&'static str, Value<'static>); 27] {
     let index = crate::tagindex::index_stats();
+    let (leases, waiting) = crate::leases::stats();
     [
         ("entries", Value::Int(ENTRIES.load(Relaxed))),
         ("compressed_entries", Value::Int(COMPRESSED.load(Relaxed))),
@@ -86,6 +97,18 @@ pub fn fields() -> [(&'static str, Value<'static>); 15] {
         ("reclaimed", Value::Int(RECLAIMED.get() as i64)),
         ("reclaim_ticks", Value::Int(RECLAIM_TICKS.get() as i64)),
         ("reclaim_max_tick_us", Value::Int(RECLAIM_MAX_TICK_US.get() as i64)),
+        ("stale_served", Value::Int(STALE_SERVED.get() as i64)),
+        ("leases", Value::Int(leases as i64)),
+        ("lease_waiters", Value::Int(waiting as i64)),
+        ("leases_granted", Value::Int(LEASES_GRANTED.get() as i64)),
+        ("waiters_parked", Value::Int(WAITERS_PARKED.get() as i64)),
+        ("waiters_woken", Value::Int(WAITERS_WOKEN.get() as i64)),
+        ("wait_timeouts", Value::Int(WAIT_TIMEOUTS.get() as i64)),
+        ("handoffs", Value::Int(HANDOFFS.get() as i64)),
+        ("lease_timeouts", Value::Int(LEASE_TIMEOUTS.get() as i64)),
+        ("passes", Value::Int(PASSES.get() as i64)),
+        ("fenced", Value::Int(FENCED.get() as i64)),
+        ("early_refreshes", Value::Int(EARLY_REFRESHES.get() as i64)),
     ]
 }
 

@@ -82,7 +82,7 @@ pub fn selected_db(ctx: Ctx) -> usize {
     usize::try_from(db).unwrap_or(0)
 }
 
-fn is_replica(ctx: Ctx) -> bool {
+pub fn is_replica(ctx: Ctx) -> bool {
     // SAFETY: ctx is a live context.
     (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & raw::REDISMODULE_CTX_FLAGS_SLAVE as c_int) != 0
 }
@@ -137,6 +137,7 @@ pub fn invalidate(ctx: Ctx, tags: &[&[u8]]) -> usize {
     let db = selected_db(ctx);
     let master = !is_replica(ctx);
     let count = with(|r| r.invalidate(db, tags, master)).unwrap_or(0);
+    crate::leases::tags_invalidated(db, tags);
     if master {
         arm_reclaim(ctx);
     }
@@ -302,6 +303,9 @@ unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, k
             let owned = new_string(ctx, name);
             keys::with_entry_mut(ctx, owned, |e| attach(ctx, db, name, e));
             free_string(ctx, owned);
+            if ev != b"loaded" {
+                crate::leases::key_changed(db, name);
+            }
         }
         OK
     })
@@ -313,6 +317,7 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
             // SAFETY: Redis passes a RedisModuleFlushInfo for this event.
             let info = unsafe { &*data.cast::<raw::RedisModuleFlushInfo>() };
             with(|r| r.flush(usize::try_from(info.dbnum).ok()));
+            crate::leases::flushed();
         }
         raw::REDISMODULE_EVENT_SWAPDB => {
             // SAFETY: Redis passes a RedisModuleSwapDbInfo for this event.

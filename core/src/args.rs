@@ -22,6 +22,10 @@ pub enum ArgError {
     EmptyTag,
     UnknownEncoding,
     InvalidCreated,
+    InvalidLeaseToken,
+    InvalidLease,
+    InvalidWait,
+    InvalidBeta,
 }
 
 impl fmt::Display for ArgError {
@@ -40,6 +44,10 @@ impl fmt::Display for ArgError {
             ArgError::EmptyTag => f.write_str("ERR tags must not be empty strings"),
             ArgError::UnknownEncoding => f.write_str("ERR unknown encoding: expected raw or lz4"),
             ArgError::InvalidCreated => f.write_str("ERR invalid CREATED time"),
+            ArgError::InvalidLeaseToken => f.write_str("ERR invalid lease token"),
+            ArgError::InvalidLease => f.write_str("ERR LEASE must be a positive number of milliseconds"),
+            ArgError::InvalidWait => f.write_str("ERR WAIT must be a positive number of milliseconds"),
+            ArgError::InvalidBeta => f.write_str("ERR BETA must be a positive number"),
         }
     }
 }
@@ -78,6 +86,8 @@ pub struct SetArgs<'a> {
     pub tags_at: Option<usize>,
     pub compression: Compression,
     pub created: Option<i64>,
+    /// LEASE token: this SET is the fill of a lease (fenced if the lease is no longer valid).
+    pub lease: Option<u64>,
 }
 
 /// Absolute times derived from [`SetArgs`] at a given moment.
@@ -108,6 +118,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
     let mut tags_at = None;
     let mut compression = None;
     let mut created = None;
+    let mut lease = None;
     let mut i = 0;
     while i < opts.len() {
         let opt = opts[i];
@@ -183,6 +194,13 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
             }
             created = Some(n);
             i += 2;
+        } else if is("LEASE") {
+            if lease.is_some() {
+                return Err(ArgError::Syntax);
+            }
+            let token = opts.get(i + 1).ok_or(ArgError::Syntax)?;
+            lease = Some(parse_token(token).ok_or(ArgError::InvalidLeaseToken)?);
+            i += 2;
         } else {
             return Err(ArgError::Syntax);
         }
@@ -202,6 +220,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
         tags_at,
         compression: compression.unwrap_or(Compression::Auto),
         created,
+        lease,
     })
 }
 
@@ -218,22 +237,74 @@ impl SetArgs<'_> {
     }
 }
 
+/// Parses a lease token as the module prints it (a positive decimal u64).
+pub fn parse_token(s: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(s).ok()?;
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>().ok().filter(|&t| t != 0)
+}
+
+/// `LEASE ms [WAIT ms] [BETA number]` of a lease read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseArgs {
+    pub lease_ms: i64,
+    /// Park up to this long when another caller holds the lease.
+    pub wait_ms: Option<i64>,
+    /// XFetch: refresh early with probability growing as the deadline nears.
+    pub beta: Option<f64>,
+}
+
 /// Parsed `TIERCACHE.GET` options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GetArgs {
     /// ENCODED: reply `[encoding, stored bytes]` instead of the decoded value.
     pub encoded: bool,
+    pub lease: Option<LeaseArgs>,
 }
 
-/// Parses the options of `TIERCACHE.GET key [options...]`.
+fn positive_ms(arg: Option<&&[u8]>, err: ArgError) -> Result<i64, ArgError> {
+    let n = int(arg)?;
+    if n <= 0 {
+        return Err(err);
+    }
+    Ok(n)
+}
+
+/// Parses the options of `TIERCACHE.GET key [ENCODED] [LEASE ms [WAIT ms] [BETA number]]`.
 pub fn parse_get(opts: &[&[u8]]) -> Result<GetArgs, ArgError> {
     let mut args = GetArgs::default();
-    for opt in opts {
-        if opt.eq_ignore_ascii_case(b"ENCODED") && !args.encoded {
+    let (mut lease, mut wait, mut beta) = (None, None, None);
+    let mut i = 0;
+    while i < opts.len() {
+        let opt = opts[i];
+        let is = |name: &str| opt.eq_ignore_ascii_case(name.as_bytes());
+        if is("ENCODED") && !args.encoded {
             args.encoded = true;
+            i += 1;
+        } else if is("LEASE") && lease.is_none() {
+            lease = Some(positive_ms(opts.get(i + 1), ArgError::InvalidLease)?);
+            i += 2;
+        } else if is("WAIT") && wait.is_none() {
+            wait = Some(positive_ms(opts.get(i + 1), ArgError::InvalidWait)?);
+            i += 2;
+        } else if is("BETA") && beta.is_none() {
+            let raw = opts.get(i + 1).ok_or(ArgError::Syntax)?;
+            let b = std::str::from_utf8(raw).ok().and_then(|s| s.parse::<f64>().ok());
+            match b {
+                Some(b) if b.is_finite() && b > 0.0 => beta = Some(b),
+                _ => return Err(ArgError::InvalidBeta),
+            }
+            i += 2;
         } else {
             return Err(ArgError::Syntax);
         }
+    }
+    match lease {
+        Some(lease_ms) => args.lease = Some(LeaseArgs { lease_ms, wait_ms: wait, beta }),
+        None if wait.is_some() || beta.is_some() => return Err(ArgError::Syntax),
+        None => {}
     }
     Ok(args)
 }
@@ -320,9 +391,31 @@ mod tests {
 
     #[test]
     fn get_options() {
-        assert_eq!(parse_get(&[]).unwrap(), GetArgs { encoded: false });
-        assert_eq!(parse_get(&[b"encoded"]).unwrap(), GetArgs { encoded: true });
+        assert_eq!(parse_get(&[]).unwrap(), GetArgs { encoded: false, lease: None });
+        assert_eq!(parse_get(&[b"encoded"]).unwrap(), GetArgs { encoded: true, lease: None });
         assert_eq!(parse_get(&[b"ENCODED", b"ENCODED"]), Err(ArgError::Syntax));
         assert_eq!(parse_get(&[b"x"]), Err(ArgError::Syntax));
+        let g = parse_get(&[b"LEASE", b"5000", b"wait", b"200", b"BETA", b"1.5"]).unwrap();
+        assert_eq!(g.lease, Some(LeaseArgs { lease_ms: 5000, wait_ms: Some(200), beta: Some(1.5) }));
+        assert_eq!(parse_get(&[b"WAIT", b"5"]), Err(ArgError::Syntax), "WAIT needs LEASE");
+        assert_eq!(parse_get(&[b"LEASE", b"0"]), Err(ArgError::InvalidLease));
+        assert_eq!(parse_get(&[b"LEASE"]), Err(ArgError::Syntax));
+        assert_eq!(parse_get(&[b"LEASE", b"x"]), Err(ArgError::NotInteger));
+        assert_eq!(parse_get(&[b"LEASE", b"10", b"WAIT", b"-1"]), Err(ArgError::InvalidWait));
+        assert_eq!(parse_get(&[b"LEASE", b"10", b"BETA", b"0"]), Err(ArgError::InvalidBeta));
+        assert_eq!(parse_get(&[b"LEASE", b"10", b"BETA", b"nan"]), Err(ArgError::InvalidBeta));
+        assert_eq!(parse_get(&[b"LEASE", b"10", b"LEASE", b"10"]), Err(ArgError::Syntax));
+    }
+
+    #[test]
+    fn lease_tokens() {
+        assert_eq!(parse_token(b"12345"), Some(12345));
+        for bad in [&b""[..], b"0", b"-1", b"+1", b"1x", b"99999999999999999999"] {
+            assert_eq!(parse_token(bad), None, "{bad:?}");
+        }
+        let v: Vec<&'static [u8]> = vec![b"LEASE", b"77"];
+        assert_eq!(parse_set(&v, 4).unwrap().lease, Some(77));
+        let v: Vec<&'static [u8]> = vec![b"LEASE", b"zz"];
+        assert_eq!(parse_set(&v, 4), Err(ArgError::InvalidLeaseToken));
     }
 }

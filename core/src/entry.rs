@@ -64,6 +64,8 @@ pub struct Entry {
     data: Box<[u8]>,
     tags: TagList,
     orig_len: u64,
+    /// How long the fill that wrote this entry took (lease grant to SET), for XFetch; 0 when unknown.
+    fill_ms: u32,
     encoding: Encoding,
 }
 
@@ -105,7 +107,7 @@ impl Entry {
             return Err(FrameError::BadHeader);
         }
         let orig_len = orig_len as u64;
-        Ok(Entry { fresh_until, created, data, tags, orig_len, encoding })
+        Ok(Entry { fresh_until, created, data, tags, orig_len, fill_ms: 0, encoding })
     }
 
     /// Absolute fresh deadline in unix ms, or [`NO_DEADLINE`].
@@ -123,6 +125,26 @@ impl Entry {
 
     pub fn tags(&self) -> &TagList {
         &self.tags
+    }
+
+    /// Milliseconds the fill that wrote this entry took (0: unknown, e.g. not written through a lease).
+    pub fn fill_ms(&self) -> u32 {
+        self.fill_ms
+    }
+
+    pub fn set_fill_ms(&mut self, ms: i64) {
+        self.fill_ms = u32::try_from(ms.max(0)).unwrap_or(u32::MAX);
+    }
+
+    /// XFetch (Vattani et al.): refresh early when `now - delta * beta * ln(rand) >= fresh_until`,
+    /// with `delta` the last fill's duration and `rand` uniform in (0, 1]. Never for entries without a
+    /// deadline or a known fill duration.
+    pub fn refresh_early(&self, now_ms: i64, beta: f64, rand: f64) -> bool {
+        if self.fresh_until == NO_DEADLINE || self.fill_ms == 0 || !(rand > 0.0 && rand <= 1.0) {
+            return false;
+        }
+        let gap = -(self.fill_ms as f64) * beta * rand.ln();
+        now_ms as f64 + gap >= self.fresh_until as f64
     }
 
     /// The tags, to record the epochs they are attached under (see `index`).
@@ -239,6 +261,20 @@ mod tests {
         corrupt[last] ^= 0xff;
         corrupt.truncate(last - 3);
         assert!(Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY).is_err(), "a frame whose body does not decode");
+    }
+
+    #[test]
+    fn xfetch_refreshes_early_more_often_near_the_deadline() {
+        let mut e = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), 10_000, 0, TagList::EMPTY).unwrap();
+        assert!(!e.refresh_early(9_999, 1.0, 0.001), "unknown fill time: never");
+        e.set_fill_ms(100);
+        assert_eq!(e.fill_ms(), 100);
+        // gap = -100 * ln(rand): rand 0.5 -> 69 ms, rand 0.001 -> 690 ms
+        assert!(!e.refresh_early(9_000, 1.0, 0.5));
+        assert!(e.refresh_early(9_950, 1.0, 0.5));
+        assert!(e.refresh_early(9_400, 1.0, 0.001));
+        assert!(!e.refresh_early(9_400, 0.1, 0.001), "a small beta refreshes later");
+        assert!(!e.refresh_early(9_950, 1.0, 0.0), "rand outside (0, 1]");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod args;
 pub mod clock;
 pub mod entry;
 pub mod index;
+pub mod lease;
 pub mod lz4;
 pub mod message;
 pub mod num;

@@ -3,7 +3,8 @@
 use std::cell::RefCell;
 use std::os::raw::c_int;
 
-use tiercache_core::args::{parse_get, parse_set, Compression};
+use tiercache_core::args::{parse_get, parse_set, Compression, GetArgs, LeaseArgs};
+use tiercache_core::lease::Acquire;
 use tiercache_core::entry::Storage;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
@@ -14,6 +15,7 @@ use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::reply::{self, Value};
+use crate::leases;
 use crate::stats;
 use crate::tagindex;
 
@@ -75,15 +77,34 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         .filter(|_| entry.tags().len() == parsed.tags.len())
         .and_then(|at| args.get(3 + at..3 + at + 1 + parsed.tags.len()));
     let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl);
+    // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
+    let mut entry = entry;
+    let fill = match parsed.lease {
+        Some(token) => match leases::begin_fill(ctx, db, bytes(args[1]), token, &parsed.tags) {
+            Ok((lease, took)) => {
+                entry.set_fill_ms(took);
+                Some(lease)
+            }
+            Err(msg) => return reply::error(ctx, msg),
+        },
+        None => None,
+    };
     // The old entry is replaced in place (no unlink callback): take it out of the tag index here.
     if let Some(old) = key.entry_mut() {
         tagindex::detach(db, bytes(args[1]), old);
     }
     if let Err(msg) = key.store(Box::new(entry), expire_at) {
+        if let Some(lease) = fill {
+            leases::abort_fill(ctx, db, bytes(args[1]), lease);
+        }
         return reply::error(ctx, msg);
     }
     if let Some(e) = key.entry_mut() {
         tagindex::attach(ctx, db, bytes(args[1]), e);
+        match fill {
+            Some(lease) => leases::filled(lease, e),
+            None => leases::written_by_other(db, bytes(args[1]), e),
+        }
     }
     drop(key);
     effect.replicate();
@@ -112,6 +133,7 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
         n if n > 2 => {
             let opts: Vec<&[u8]> = args[2..].iter().map(|&s| bytes(s)).collect();
             match parse_get(&opts) {
+                Ok(GetArgs { encoded, lease: Some(lease) }) => return get_lease(ctx, args[1], lease, encoded),
                 Ok(g) => g.encoded,
                 Err(e) => return reply::error(ctx, &e.to_string()),
             }
@@ -147,6 +169,57 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
             }
             rc
         }),
+    }
+}
+
+/// TIERCACHE.GET key [ENCODED] LEASE ms [WAIT ms] [BETA number] -> [status, value, token(, encoding)]
+///
+/// HIT (fresh; with BETA, a token when this caller is elected to refresh early), STALE (inside the stale
+/// window; a token for the one caller that refreshes), FILL (no usable value: the caller holds the lease),
+/// BUSY (someone else holds it and the caller cannot or did not ask to wait), or parked until the fill,
+/// a hand-off (FILL), a pass (PASS) or the WAIT deadline (BUSY).
+fn get_lease(ctx: Ctx, name: RStr, l: LeaseArgs, encoded: bool) -> c_int {
+    if tagindex::is_replica(ctx) {
+        return reply::error(ctx, "ERR leases are granted by the master: send TIERCACHE.GET ... LEASE to the master");
+    }
+    let db = tagindex::selected_db(ctx);
+    let key = bytes(name);
+    let now = now_ms();
+    {
+        let k = ReadKey::open(ctx, name);
+        match k.slot() {
+            Slot::WrongType => return reply::wrong_type(ctx),
+            Slot::Entry(e) if tagindex::is_valid(e) && e.is_fresh(now) => {
+                stats::HITS.bump();
+                let early = l.beta.is_some_and(|beta| e.refresh_early(now, beta, leases::random_unit()));
+                let token = match early.then(|| leases::acquire(ctx, db, key, l.lease_ms)) {
+                    Some(Acquire::Granted(t)) => {
+                        stats::EARLY_REFRESHES.bump();
+                        Some(t)
+                    }
+                    _ => None,
+                };
+                return leases::reply_lease(ctx, "HIT", Some(e), token, encoded);
+            }
+            Slot::Entry(e) if tagindex::is_valid(e) => {
+                // Past its fresh period but inside the stale window: serve it; one caller refreshes.
+                stats::STALE_SERVED.bump();
+                let token = match leases::acquire(ctx, db, key, l.lease_ms) {
+                    Acquire::Granted(t) => Some(t),
+                    Acquire::Busy => None,
+                };
+                return leases::reply_lease(ctx, "STALE", Some(e), token, encoded);
+            }
+            Slot::Entry(_) | Slot::Empty => {}
+        }
+    }
+    stats::MISSES.bump();
+    match leases::acquire(ctx, db, key, l.lease_ms) {
+        Acquire::Granted(t) => leases::reply_lease(ctx, "FILL", None, Some(t), encoded),
+        Acquire::Busy => match l.wait_ms {
+            Some(wait) if leases::may_block(ctx) => leases::park(ctx, db, key, wait, l.lease_ms, encoded),
+            _ => leases::reply_lease(ctx, "BUSY", None, None, encoded),
+        },
     }
 }
 

@@ -2,6 +2,7 @@
 //! `COMMAND DOCS` show), registered from one place.
 
 mod entry;
+mod lease;
 mod stats;
 mod tags;
 
@@ -44,7 +45,7 @@ struct Command {
     complexity: &'static CStr,
 }
 
-fn table() -> [Command; 7] {
+fn table() -> [Command; 8] {
     [
         Command {
             name: c"tiercache.set",
@@ -61,7 +62,7 @@ fn table() -> [Command; 7] {
             flags: c"readonly fast",
             arity: -2,
             key: KeyAccess::Read,
-            summary: c"Returns the value of a cache entry while it is fresh.",
+            summary: c"Returns the value of a cache entry while it is fresh; with LEASE, coordinates one fill per miss across all clients.",
             complexity: c"O(1), plus O(N) to decompress an lz4 entry of N bytes.",
         },
         Command {
@@ -108,6 +109,15 @@ fn table() -> [Command; 7] {
             key: KeyAccess::None,
             summary: c"Returns up to COUNT (default 100) keys of live entries carrying a tag.",
             complexity: c"O(N) for N keys returned",
+        },
+        Command {
+            name: c"tiercache.release",
+            handler: handler!(lease::release),
+            flags: c"fast",
+            arity: -3,
+            key: KeyAccess::Read,
+            summary: c"Gives a fill lease back without a value: the next waiter loads (or, with PASS, every waiter loads itself without caching).",
+            complexity: c"O(W) for W parked readers woken",
         },
     ]
 }

@@ -64,7 +64,7 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 15] =
+pub const STATS_FIELDS: [&str; 27] =
     [
         "entries",
         "compressed_entries",
@@ -81,6 +81,18 @@ pub const STATS_FIELDS: [&str; 15] =
         "reclaimed",
         "reclaim_ticks",
         "reclaim_max_tick_us",
+        "stale_served",
+        "leases",
+        "lease_waiters",
+        "leases_granted",
+        "waiters_parked",
+        "waiters_woken",
+        "wait_timeouts",
+        "handoffs",
+        "lease_timeouts",
+        "passes",
+        "fenced",
+        "early_refreshes",
     ];
 
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";

@@ -40,6 +40,18 @@ STATS_FIELDS = [
     "reclaimed",
     "reclaim_ticks",
     "reclaim_max_tick_us",
+    "stale_served",
+    "leases",
+    "lease_waiters",
+    "leases_granted",
+    "waiters_parked",
+    "waiters_woken",
+    "wait_timeouts",
+    "handoffs",
+    "lease_timeouts",
+    "passes",
+    "fenced",
+    "early_refreshes",
 ]
 # META fields that do not move with the clock (the *_ttl_ms fields count down).
 STABLE_META_FIELDS = [f for f in META_FIELDS if f not in ("fresh_ttl_ms", "stale_ttl_ms")]
