@@ -199,11 +199,13 @@ unsafe extern "C" fn unlink2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const 
         // value during this callback, so updating its tag epochs in place is sound.
         unsafe {
             let Some(e) = value.cast_mut().cast::<Entry>().as_mut() else { return };
+            if e.tags().is_empty() {
+                return;
+            }
             let key = api!(RedisModule_GetKeyNameFromOptCtx)(ctx);
             let db = api!(RedisModule_GetDbIdFromOptCtx)(ctx);
             if let (false, Ok(db)) = (key.is_null(), usize::try_from(db)) {
                 tagindex::detach(db, bytes(key.cast_mut()), e);
-                crate::leases::key_changed(db, bytes(key.cast_mut()));
             }
         }
     })

@@ -295,17 +295,23 @@ unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, k
         }
         // SAFETY: Redis passes a NUL-terminated event name.
         let ev = unsafe { CStr::from_ptr(event) }.to_bytes();
-        if matches!(ev, b"loaded" | b"restore" | b"rename_to" | b"move_to" | b"copy_to") {
-            let db = selected_db(ctx);
-            let name = bytes(key);
-            // The "loaded" event passes a key object on Redis's stack, which OpenKey must not retain:
-            // open a copy.
-            let owned = new_string(ctx, name);
-            keys::with_entry_mut(ctx, owned, |e| attach(ctx, db, name, e));
-            free_string(ctx, owned);
-            if ev != b"loaded" {
-                crate::leases::key_changed(db, name);
+        match ev {
+            b"loaded" | b"restore" | b"rename_to" | b"move_to" | b"copy_to" => {
+                let db = selected_db(ctx);
+                let name = bytes(key);
+                // The "loaded" event passes a key object on Redis's stack, which OpenKey must not retain:
+                // open a copy.
+                let owned = new_string(ctx, name);
+                keys::with_entry_mut(ctx, owned, |e| attach(ctx, db, name, e));
+                free_string(ctx, owned);
+                if ev != b"loaded" {
+                    crate::leases::key_changed(db, name);
+                }
             }
+            // Deleted or moved away by a client: a fill lease there is fenced. Expiry and eviction are
+            // not (a stale entry running out while its refresh is loading must not refuse the refresh).
+            b"del" | b"rename_from" | b"move_from" => crate::leases::key_changed(selected_db(ctx), bytes(key)),
+            _ => {}
         }
         OK
     })
