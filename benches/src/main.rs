@@ -9,6 +9,11 @@
 //!   pipelined 1000 at a time (use `-` as the only tag for untagged entries; `@set` writes native SET plus
 //!   SADD into a set named by the second argument, the peers' tag index).
 //! - `wait-reclaim PORT`: waits until TIERCACHE.STATS shows reclaim_pending 0 and prints how long it took.
+//! - `stampede PORT MODE N KEY LOAD_MS`: N threads miss KEY at the same moment; each must end with the
+//!   value, loading it from a simulated database (LOAD_MS of work, counted in Redis with INCR on
+//!   `db:loads:KEY`) only when its protocol says so. MODE: `none` (everyone loads), `lock` (SET NX PX
+//!   lock + polling every 10 ms, the peers' way), `lease` (TIERCACHE.GET LEASE + WAIT). Prints the round
+//!   trips per caller (mean and max). Run it from several processes at once against one key.
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +27,71 @@ fn percentile(sorted: &[u128], p: f64) -> u128 {
         return 0;
     }
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The simulated database: LOAD_MS of latency, and one INCR so loads can be counted across processes.
+fn load(c: &mut redis::Connection, key: &str, load_ms: u64) -> Vec<u8> {
+    std::thread::sleep(Duration::from_millis(load_ms));
+    let _: i64 = redis::cmd("INCR").arg(format!("db:loads:{key}")).query(c).expect("incr");
+    b"value from the database".to_vec()
+}
+
+/// One caller of the stampede test; returns its round trips (the database load is not counted).
+fn stampede_one(c: &mut redis::Connection, mode: &str, key: &str, load_ms: u64) -> u64 {
+    let mut trips = 0;
+    match mode {
+        "none" => {
+            trips += 1;
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(c).expect("get");
+            if v.is_none() {
+                let v = load(c, key, load_ms);
+                trips += 1;
+                let _: () = redis::cmd("SET").arg(key).arg(v).arg("EX").arg(60).query(c).expect("set");
+            }
+        }
+        "lock" => loop {
+            trips += 1;
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(key).query(c).expect("get");
+            if v.is_some() {
+                break;
+            }
+            trips += 1;
+            let got: Option<String> =
+                redis::cmd("SET").arg(format!("lock:{key}")).arg("1").arg("NX").arg("PX").arg(5000).query(c).expect("lock");
+            if got.is_some() {
+                let v = load(c, key, load_ms);
+                trips += 2;
+                let _: () = redis::cmd("SET").arg(key).arg(v).arg("EX").arg(60).query(c).expect("set");
+                let _: i64 = redis::cmd("DEL").arg(format!("lock:{key}")).query(c).expect("unlock");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        },
+        _ => loop {
+            trips += 1;
+            let r: Vec<redis::Value> =
+                redis::cmd("TIERCACHE.GET").arg(key).arg("LEASE").arg(5000).arg("WAIT").arg(5000).query(c).expect("lease get");
+            let status = match r.first() {
+                Some(redis::Value::BulkString(s)) => s.clone(),
+                _ => Vec::new(),
+            };
+            match &status[..] {
+                b"HIT" | b"STALE" | b"PASS" => break,
+                b"FILL" => {
+                    let token = match r.get(2) {
+                        Some(redis::Value::BulkString(t)) => t.clone(),
+                        _ => Vec::new(),
+                    };
+                    let v = load(c, key, load_ms);
+                    trips += 1;
+                    let _: () = redis::cmd("TIERCACHE.SET").arg(key).arg(v).arg("EX").arg(60).arg("LEASE").arg(token).query(c).expect("fill");
+                    break;
+                }
+                _ => {} // BUSY at the WAIT deadline: ask again
+            }
+        },
+    }
+    trips
 }
 
 fn main() {
@@ -107,8 +177,29 @@ fn main() {
             }
             println!("reclaim_ms={}", t.elapsed().as_millis());
         }
+        Some("stampede") => {
+            let port = args[2].clone();
+            let mode = args[3].clone();
+            let n: usize = args[4].parse().expect("n");
+            let key = args[5].clone();
+            let load_ms: u64 = args[6].parse().expect("load ms");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+            let handles: Vec<_> = (0..n)
+                .map(|_| {
+                    let (port, mode, key, barrier) = (port.clone(), mode.clone(), key.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let mut c = conn(&port);
+                        barrier.wait();
+                        stampede_one(&mut c, &mode, &key, load_ms)
+                    })
+                })
+                .collect();
+            let trips: Vec<u64> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+            let mean = trips.iter().sum::<u64>() as f64 / trips.len().max(1) as f64;
+            println!("callers={} round_trips_mean={:.2} round_trips_max={}", trips.len(), mean, trips.iter().max().copied().unwrap_or(0));
+        }
         _ => {
-            eprintln!("usage: tiercache-bench probe PORT MILLIS | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG...");
+            eprintln!("usage: tiercache-bench probe PORT MILLIS | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG... | wait-reclaim PORT | stampede PORT none|lock|lease N KEY LOAD_MS");
             std::process::exit(2);
         }
     }
