@@ -31,6 +31,8 @@ thread_local! {
     static RUN_ID: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
     /// The database of each key deleted in the current reclaim tick.
     static DB_OF: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    /// A replica's full-resync load is in progress.
+    static REPL_LOADING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Milliseconds between reclaim ticks while keys are queued.
@@ -170,6 +172,15 @@ fn run_id(ctx: Ctx) -> Vec<u8> {
 }
 
 fn publish(ctx: Ctx, db: usize, tags: &[&[u8]]) {
+    send(ctx, |run_id, seq| tiercache_core::message::invalidation(run_id, seq, db as u64, tags));
+}
+
+/// Tells subscribers to drop everything they cached from this server (flush, full resync).
+fn publish_reset(ctx: Ctx) {
+    send(ctx, tiercache_core::message::reset);
+}
+
+fn send(ctx: Ctx, encode: impl FnOnce(&[u8], u64) -> Vec<u8>) {
     let channel = config::invalidation_channel();
     if channel.is_empty() {
         return;
@@ -178,7 +189,7 @@ fn publish(ctx: Ctx, db: usize, tags: &[&[u8]]) {
         s.set(s.get() + 1);
         s.get()
     });
-    let msg = tiercache_core::message::invalidation(&run_id(ctx), seq, db as u64, tags);
+    let msg = encode(&run_id(ctx), seq);
     let (c, m) = (new_string(ctx, &channel), new_string(ctx, &msg));
     // SAFETY: live context and strings; PublishMessage copies what it sends.
     unsafe { api!(RedisModule_PublishMessage)(ctx, c, m) };
@@ -324,7 +335,18 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
             let info = unsafe { &*data.cast::<raw::RedisModuleFlushInfo>() };
             with(|r| r.flush(usize::try_from(info.dbnum).ok()));
             crate::leases::flushed();
+            if !is_loading(ctx) {
+                publish_reset(ctx);
+            }
         }
+        raw::REDISMODULE_EVENT_LOADING => match sub {
+            raw::REDISMODULE_SUBEVENT_LOADING_REPL_START => REPL_LOADING.with(|f| f.set(true)),
+            raw::REDISMODULE_SUBEVENT_LOADING_ENDED if REPL_LOADING.with(|f| f.replace(false)) => {
+                // A replica's full resync may carry invalidations it never published.
+                publish_reset(ctx);
+            }
+            _ => {}
+        },
         raw::REDISMODULE_EVENT_SWAPDB => {
             // SAFETY: Redis passes a RedisModuleSwapDbInfo for this event.
             let info = unsafe { &*data.cast::<raw::RedisModuleSwapDbInfo>() };
@@ -382,6 +404,7 @@ pub fn register(ctx: Ctx) -> bool {
         for id in [
             raw::REDISMODULE_EVENT_FLUSHDB,
             raw::REDISMODULE_EVENT_SWAPDB,
+            raw::REDISMODULE_EVENT_LOADING,
             raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED,
         ] {
             let ev = raw::RedisModuleEvent { id, dataver: 1 };

@@ -737,9 +737,12 @@ def test_replica_follows_invalidation(start_server, protocol):
         assert gets(rep, keep) == [b"v%d" % i for i in range(5)]
         assert tc_get(rep1, b"s0") == b"db1"
         assert tc_tagcount(rep1, b"d1") == 1
-        # The replica publishes its own message (its own run_id and seq).
+        # The replica publishes its own message (its own run_id and seq; its full resync already
+        # published reset messages, so the seq is past 1).
         msg = decode(next_message(rp))
-        assert msg == {"v": 1, "run_id": info_section(rep, "server")["run_id"], "seq": 1, "db": 0, "tags": [b"t"]}
+        assert msg["seq"] > 1
+        assert {k: v for k, v in msg.items() if k != "seq"} == {
+            "v": 1, "run_id": info_section(rep, "server")["run_id"], "db": 0, "tags": [b"t"]}
         assert msg["run_id"] != info_section(m, "server")["run_id"]
     finally:
         rp.close()
@@ -792,3 +795,17 @@ def test_debug_reload_during_slow_reclaim(start_server, protocol):
     idx = assert_tag_index_exact(c, also_tags=[b"big", b"side"])
     assert idx == {0: {b"side": set(other)}}
     assert before["reclaim_pending"] == 0
+
+
+def test_flush_publishes_a_reset_message(r):
+    """FLUSHDB/FLUSHALL change the dataset without per-tag messages: subscribers get a reset."""
+    p = subscribed(r, DEFAULT_INVALIDATION_CHANNEL)
+    try:
+        tc_set(r, b"k", b"v", "TAGS", 1, b"t")
+        tc_invalidate(r, b"t")
+        first = decode(next_message(p))
+        r.flushdb()
+        reset = decode(next_message(p))
+        assert reset == {"v": 1, "run_id": first["run_id"], "seq": first["seq"] + 1, "reset": True, "tags": []}
+    finally:
+        p.close()
