@@ -255,8 +255,13 @@ pub fn written_by_other(db: usize, key: &[u8], entry: &Entry) {
     }
 }
 
-/// The key was deleted, renamed over, restored...: a lease there is fenced.
+/// The key was deleted, renamed over, restored...: a lease there is fenced. Not while the reclaim timer
+/// deletes invalidated entries: that changes nothing readers could see (a lease granted after the
+/// invalidation must still be able to fill).
 pub fn key_changed(db: usize, key: &[u8]) {
+    if crate::tagindex::reclaiming() {
+        return;
+    }
     with(|t| {
         if !t.is_empty() {
             t.key_changed(db, key)
@@ -315,10 +320,10 @@ pub fn client_gone(ctx: Ctx, client: u64) {
     }
 }
 
-/// FLUSHALL / FLUSHDB / a full resync: every lease ends; its waiters get PASS (load from the origin,
-/// do not cache: the dataset they waited on is gone).
-pub fn flushed() {
-    let all = with(|t| t.drain()).unwrap_or_default();
+/// FLUSHDB (`Some(db)`) / FLUSHALL or a full resync (`None`): the leases there end; their waiters get
+/// PASS (load from the origin, do not cache: the dataset they waited on is gone).
+pub fn flushed(db: Option<usize>) {
+    let all = with(|t| t.drain(db)).unwrap_or_default();
     for (_, _, lease) in all {
         for w in lease.waiters {
             wake(w.bc, Wake::Pass, w.encoded);

@@ -33,6 +33,8 @@ thread_local! {
     static DB_OF: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
     /// A replica's full-resync load is in progress.
     static REPL_LOADING: Cell<bool> = const { Cell::new(false) };
+    /// The reclaim timer is deleting invalidated entries right now.
+    static RECLAIMING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Milliseconds between reclaim ticks while keys are queued.
@@ -231,6 +233,7 @@ unsafe extern "C" fn reclaim_tick(ctx: Ctx, _data: *mut c_void) {
                 break;
             }
             done += batch.len();
+            let _flag = ReclaimingFlag::set();
             for (db, key) in batch {
                 if let Some(name) = reclaim_one(ctx, db, &key) {
                     deleted.push(name);
@@ -333,8 +336,9 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
         raw::REDISMODULE_EVENT_FLUSHDB if sub == raw::REDISMODULE_SUBEVENT_FLUSHDB_START => {
             // SAFETY: Redis passes a RedisModuleFlushInfo for this event.
             let info = unsafe { &*data.cast::<raw::RedisModuleFlushInfo>() };
-            with(|r| r.flush(usize::try_from(info.dbnum).ok()));
-            crate::leases::flushed();
+            let db = usize::try_from(info.dbnum).ok();
+            with(|r| r.flush(db));
+            crate::leases::flushed(db);
             if !is_loading(ctx) {
                 publish_reset(ctx);
             }
@@ -415,6 +419,27 @@ pub fn register(ctx: Ctx) -> bool {
         }
     }
     true
+}
+
+/// Raises [`reclaiming`] until dropped (also on unwinding).
+struct ReclaimingFlag;
+
+impl ReclaimingFlag {
+    fn set() -> Self {
+        RECLAIMING.with(|r| r.set(true));
+        ReclaimingFlag
+    }
+}
+
+impl Drop for ReclaimingFlag {
+    fn drop(&mut self) {
+        RECLAIMING.with(|r| r.set(false));
+    }
+}
+
+/// True while the reclaim timer deletes invalidated entries.
+pub fn reclaiming() -> bool {
+    RECLAIMING.with(Cell::get)
 }
 
 /// Messages published so far (the last sequence number).

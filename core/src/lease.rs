@@ -262,10 +262,11 @@ impl<W: Waiter> LeaseTable<W> {
         }
     }
 
-    /// Forgets every lease (FLUSHALL): returns them so their waiters can be answered.
-    pub fn drain(&mut self) -> Vec<(usize, Box<[u8]>, Lease<W>)> {
-        self.by_client.clear();
-        self.leases.drain().map(|(k, l)| (k.0, k.1, l)).collect()
+    /// Forgets the leases of one database (FLUSHDB) or of all (`None`: FLUSHALL, full resync): returns
+    /// them so their waiters can be answered.
+    pub fn drain(&mut self, db: Option<usize>) -> Vec<(usize, Box<[u8]>, Lease<W>)> {
+        let keys: Vec<Key> = self.leases.keys().filter(|k| db.is_none_or(|d| k.0 == d)).cloned().collect();
+        keys.into_iter().filter_map(|k| self.take(&k).map(|l| (k.0, k.1, l))).collect()
     }
 }
 
@@ -356,7 +357,11 @@ mod tests {
         assert_eq!(t.waiting(), 1, "waiters carry over");
         assert!(t.client_gone(1).is_empty(), "the old holder no longer holds it");
         assert_eq!(t.len(), 1);
-        assert_eq!(t.drain().len(), 1);
+        let Acquire::Granted(_) = t.acquire(3, b"k", 9, 100, 100) else { panic!() };
+        assert_eq!(t.drain(Some(3)).len(), 1, "FLUSHDB of db 3 only");
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.drain(None).len(), 1);
         assert!(t.is_empty());
+        assert!(t.client_gone(2).is_empty() && t.client_gone(9).is_empty(), "holders forgotten too");
     }
 }

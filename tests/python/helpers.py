@@ -377,3 +377,165 @@ def assert_tag_index_exact(r: redis.Redis, also_tags=(), timeout: float = 15.0) 
     pairs = sum(len(index) for index in expected.values())
     assert s["tags"] == pairs, f"tags {s['tags']} != {pairs} (db, tag) pairs: {summary}"
     return expected
+
+
+# ---- fill leases (LEASES.md) ---------------------------------------------------------------------------
+
+LEASE_STATUSES = (b"HIT", b"STALE", b"FILL", b"BUSY", b"PASS")
+# The lease counters of TIERCACHE.STATS / INFO tiercache (gauges first).
+LEASE_GAUGES = ["leases", "lease_waiters"]
+LEASE_COUNTERS = [
+    "stale_served",
+    "leases_granted",
+    "waiters_parked",
+    "waiters_woken",
+    "wait_timeouts",
+    "handoffs",
+    "lease_timeouts",
+    "passes",
+    "fenced",
+    "early_refreshes",
+]
+FENCED_NOT_HELD = "FENCED the lease is not held by this token (expired, released or re-granted)"
+FENCED_KEY = "FENCED the key was written or deleted after the lease was granted"
+FENCED_TAG = "FENCED a tag of this entry was invalidated after the lease was granted"
+LEASE_ON_REPLICA = "ERR leases are granted by the master: send TIERCACHE.GET ... LEASE to the master"
+BAD_LEASE = "ERR LEASE must be a positive number of milliseconds"
+BAD_WAIT = "ERR WAIT must be a positive number of milliseconds"
+BAD_BETA = "ERR BETA must be a positive number"
+BAD_TOKEN = "ERR invalid lease token"
+
+_TOKEN_RE = re.compile(rb"[1-9][0-9]*")
+
+
+def lease_args(key, lease=5000, wait=None, beta=None, encoded=False) -> list:
+    """The arguments of `TIERCACHE.GET key [ENCODED] LEASE ms [WAIT ms] [BETA b]`."""
+    args = ["TIERCACHE.GET", key]
+    if encoded:
+        args.append("ENCODED")
+    args += ["LEASE", lease]
+    if wait is not None:
+        args += ["WAIT", wait]
+    if beta is not None:
+        args += ["BETA", beta]
+    return args
+
+
+def check_lease_reply(reply, encoded=False) -> list:
+    """Checks the shape of a lease read's reply: a list (RESP2 and RESP3) of [status, value, token] (+ the
+    encoding with ENCODED); value/token bulk or nil, a token a positive decimal u64. Returns the reply."""
+    n = 4 if encoded else 3
+    assert isinstance(reply, list) and len(reply) == n, f"want a {n}-element list, got {reply!r}"
+    status, value, token = reply[:3]
+    assert status in LEASE_STATUSES, reply
+    assert value is None or isinstance(value, bytes), reply
+    if token is not None:
+        assert isinstance(token, bytes) and _TOKEN_RE.fullmatch(token) and int(token) < 2**64, reply
+    if encoded:
+        assert reply[3] in (None, b"raw", b"lz4"), reply
+        assert (reply[3] is None) == (value is None), f"encoding must be nil exactly when there is no value: {reply!r}"
+    return reply
+
+
+def lease_get(c, key, lease=5000, wait=None, beta=None, encoded=False) -> list:
+    """A lease read on `c` (redis.Redis or LeaseConn); the reply after check_lease_reply."""
+    args = lease_args(key, lease, wait, beta, encoded)
+    reply = c.call(*args) if isinstance(c, LeaseConn) else c.execute_command(*args)
+    return check_lease_reply(reply, encoded)
+
+
+def tc_release(c, key, token, *opts):
+    args = ["TIERCACHE.RELEASE", key, token, *opts]
+    return c.call(*args) if isinstance(c, LeaseConn) else c.execute_command(*args)
+
+
+class LeaseConn:
+    """One dedicated connection to the server of `r` (same protocol, db unless given): its own client id,
+    so a lease granted on it lives until it is released, filled, expires or close() drops the connection.
+    send() does not wait for the reply, so a parked read does not block the test thread: read() later."""
+
+    def __init__(self, r: redis.Redis, db: int | None = None, socket_timeout: float = 30):
+        kw = dict(r.connection_pool.connection_kwargs)
+        kw["socket_timeout"] = socket_timeout
+        if db is not None:
+            kw["db"] = db
+        self.protocol = int(kw.get("protocol") or 2)
+        self.conn = redis.Connection(**kw)
+        self.conn.connect()
+        self.closed = False
+
+    def send(self, *args):
+        self.conn.send_command(*args)
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True when a reply is waiting (within `timeout` seconds)."""
+        return bool(self.conn.can_read(timeout=timeout))
+
+    def read(self, timeout: float = 10.0):
+        if not self.conn.can_read(timeout=timeout):
+            raise AssertionError(f"no reply within {timeout}s")
+        return self.conn.read_response()
+
+    def read_lease(self, timeout: float = 10.0, encoded: bool = False) -> list:
+        return check_lease_reply(self.read(timeout), encoded)
+
+    def call(self, *args, timeout: float = 10.0):
+        self.send(*args)
+        return self.read(timeout)
+
+    def park(self, key, lease=5000, wait=5000, encoded=False):
+        """Sends a lease read with WAIT without reading the reply."""
+        self.send(*lease_args(key, lease, wait, None, encoded))
+
+    def client_id(self) -> int:
+        return self.call("CLIENT", "ID")
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.conn.disconnect()
+
+
+def lease_counters(r: redis.Redis) -> dict:
+    s = stats(r)
+    return {k: s[k] for k in LEASE_GAUGES + LEASE_COUNTERS}
+
+
+def counter_delta(after: dict, before: dict) -> dict:
+    """Per counter of LEASE_COUNTERS (plus hits/misses when present): after - before, zeros dropped."""
+    names = LEASE_COUNTERS + [k for k in ("hits", "misses") if k in after and k in before]
+    return {k: after[k] - before[k] for k in names if after[k] != before[k]}
+
+
+def blocked_clients(r: redis.Redis) -> int:
+    return int(info_section(r, "clients")["blocked_clients"])
+
+
+def wait_lease_waiters(r: redis.Redis, n: int, timeout: float = 5.0):
+    """Waits until exactly `n` reads are parked (lease_waiters gauge and INFO blocked_clients)."""
+    last = {}
+
+    def ok():
+        last["w"] = stats(r)["lease_waiters"]
+        last["b"] = blocked_clients(r)
+        return last["w"] == n and last["b"] == n
+
+    try:
+        wait_for(ok, timeout=timeout, interval=0.005, what=f"{n} parked waiters")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: lease_waiters={last.get('w')} blocked_clients={last.get('b')}") from None
+
+
+def assert_no_lease_leak(r: redis.Redis, timeout: float = 5.0):
+    """LEASES.md "No leak": once settled, leases == 0, lease_waiters == 0 and blocked_clients == 0."""
+    last = {}
+
+    def settled():
+        s = stats(r)
+        last.update(leases=s["leases"], lease_waiters=s["lease_waiters"], blocked_clients=blocked_clients(r))
+        return all(v == 0 for v in last.values())
+
+    try:
+        wait_for(settled, timeout=timeout, interval=0.02, what="no leases, no waiters, no blocked clients")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {last}") from None
