@@ -59,7 +59,8 @@ fn table() -> [Command; 8] {
         Command {
             name: c"tiercache.get",
             handler: handler!(entry::get),
-            flags: c"readonly fast",
+            // `blocking`: with LEASE ... WAIT the caller may be parked.
+            flags: c"readonly fast blocking",
             arity: -2,
             key: KeyAccess::Read,
             summary: c"Returns the value of a cache entry while it is fresh; with LEASE, coordinates one fill per miss across all clients.",
