@@ -112,7 +112,9 @@ pub fn module_path() -> PathBuf {
         assert!(p.is_file(), "TIERCACHE_MODULE={} does not exist", p.display());
         return p;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The workspace root: this file is also compiled into client/tests, one level down.
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = if manifest.join("core").is_dir() { manifest } else { manifest.parent().unwrap_or(manifest) };
     for profile in ["debug", "release"] {
         let p = root.join("target").join(profile).join("libtiercache.so");
         if p.is_file() {

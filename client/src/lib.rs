@@ -1,0 +1,849 @@
+//! tiercache-client: an in-process cache (L1) in front of the tiercache Redis module (L2).
+//!
+//! - **L1** is a [`quick_cache`] cache weighted by bytes; an entry lives until the server's fresh deadline
+//!   or `l1_ttl`, whichever comes first.
+//! - **Coherence**: one RESP3 connection tracks every key of the namespace (`CLIENT TRACKING ON BCAST
+//!   PREFIX`) and subscribes to the module's invalidation messages. A key push drops the key, a tag message
+//!   drops every entry carrying the tag (tag generations, checked on each L1 hit), and a gap in the
+//!   message sequence, a reset message or a lost connection drops L1 whole. A fill that started before
+//!   an invalidation never lands in L1 (global invalidation epoch checked at insert).
+//! - **Misses** go through local single-flight (one load per key per process), then `TIERCACHE.GET ...
+//!   LEASE ... WAIT` on a connection of its own (blocking reads never share the multiplexed connection),
+//!   so one database load serves the whole fleet; the fill is `TIERCACHE.SET ... LEASE` and a `-FENCED`
+//!   answer is respected (the value is returned, not cached).
+//! - **Failures**: a failing loader falls back to a stale value when there is one (fail-safe); a failing
+//!   Redis is bypassed (the loader runs directly, L1 keeps serving) and a circuit breaker stops calling it
+//!   for a while after repeated errors.
+//!
+//! Values are MessagePack (`rmp-serde`), so Rust and Python share entries; values of at least
+//! `compress_min_size` bytes are lz4-framed by the client and read back undecoded (`ENCODED`), so Redis
+//! never decompresses for this client.
+
+mod metrics;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, PushKind, Value};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tiercache_core::lz4;
+
+pub use metrics::{Metrics, Snapshot};
+
+/// Why a call failed. Redis problems never surface here from `get_or_load`: it falls back to the loader.
+#[derive(Debug)]
+pub enum Error<E> {
+    /// The loader failed and no stale value could be served.
+    Load(E),
+    /// The value could not be encoded or decoded.
+    Codec(String),
+    /// A direct Redis call (`set`, `delete`, `invalidate_tags`) failed.
+    Redis(redis::RedisError),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Load(e) => write!(f, "loader failed: {e}"),
+            Error::Codec(e) => write!(f, "codec: {e}"),
+            Error::Redis(e) => write!(f, "redis: {e}"),
+        }
+    }
+}
+
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for Error<E> {}
+
+/// Per-call options of [`TierCache::get_or_load`] and [`TierCache::set`].
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    /// Fresh period (default: the builder's `default_ttl`).
+    pub ttl: Option<Duration>,
+    /// Stale window after it (default: the builder's `stale`).
+    pub stale: Option<Duration>,
+    /// Tags to invalidate the entry by.
+    pub tags: Vec<String>,
+}
+
+impl Opts {
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+    pub fn stale(mut self, stale: Duration) -> Self {
+        self.stale = Some(stale);
+        self
+    }
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tags.push(tag.into());
+        self
+    }
+}
+
+/// Configuration; see [`TierCache::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    url: String,
+    namespace: String,
+    schema_version: u32,
+    l1_max_bytes: u64,
+    l1_ttl: Duration,
+    default_ttl: Duration,
+    stale: Duration,
+    lease_timeout: Duration,
+    wait_timeout: Duration,
+    compress_min_size: usize,
+    op_timeout: Duration,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    channel: String,
+}
+
+impl Builder {
+    pub fn namespace(mut self, ns: impl Into<String>) -> Self {
+        self.namespace = ns.into();
+        self
+    }
+    /// Keys become `<namespace>:v<version>:<key>`; bumping the version abandons every old entry at once.
+    pub fn schema_version(mut self, v: u32) -> Self {
+        self.schema_version = v;
+        self
+    }
+    pub fn l1_max_bytes(mut self, n: u64) -> Self {
+        self.l1_max_bytes = n;
+        self
+    }
+    /// Longest an entry stays in L1 (also capped by its fresh deadline).
+    pub fn l1_ttl(mut self, d: Duration) -> Self {
+        self.l1_ttl = d;
+        self
+    }
+    pub fn default_ttl(mut self, d: Duration) -> Self {
+        self.default_ttl = d;
+        self
+    }
+    pub fn stale(mut self, d: Duration) -> Self {
+        self.stale = d;
+        self
+    }
+    pub fn lease_timeout(mut self, d: Duration) -> Self {
+        self.lease_timeout = d;
+        self
+    }
+    pub fn wait_timeout(mut self, d: Duration) -> Self {
+        self.wait_timeout = d;
+        self
+    }
+    pub fn compress_min_size(mut self, n: usize) -> Self {
+        self.compress_min_size = n;
+        self
+    }
+    /// Timeout of a non-blocking Redis call; past it Redis counts as failing.
+    pub fn op_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+    /// Consecutive Redis failures that open the circuit, and how long it stays open before a probe.
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = failures.max(1);
+        self.breaker_cooldown = cooldown;
+        self
+    }
+    /// The module's `tiercache.invalidation-channel`.
+    pub fn invalidation_channel(mut self, c: impl Into<String>) -> Self {
+        self.channel = c.into();
+        self
+    }
+
+    /// Connects (lazily if Redis is down: the cache then starts degraded and keeps trying).
+    pub async fn build(self) -> Result<TierCache, redis::RedisError> {
+        let client = redis::Client::open(self.url.as_str())?;
+        let l1 = quick_cache::sync::Cache::with_weighter(1024, self.l1_max_bytes, L1Weigher);
+        let inner = Arc::new(Inner {
+            prefix: format!("{}:v{}:", self.namespace, self.schema_version),
+            ns_tag: format!("ns:{}:v{}", self.namespace, self.schema_version),
+            cfg: self,
+            client,
+            main: tokio::sync::Mutex::new(None),
+            blocking: Mutex::new(Vec::new()),
+            l1,
+            epoch: AtomicU64::new(0),
+            key_gens: (0..KEY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            tags: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            failures: AtomicU64::new(0),
+            open_until: Mutex::new(None),
+            last_msg: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        });
+        let _ = inner.main_conn().await;
+        Ok(TierCache { inner })
+    }
+}
+
+/// The cache. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct TierCache {
+    inner: Arc<Inner>,
+}
+
+#[derive(Clone)]
+struct L1Entry {
+    bytes: Arc<[u8]>,
+    until: Instant,
+    tags: Arc<[(Arc<AtomicU64>, u64)]>,
+}
+
+/// What an L1 insert must still match to land: taken before the read or load it follows, so that any
+/// invalidation of the key, one of its tags, or the whole cache in between keeps it out.
+struct Ticket {
+    epoch: u64,
+    key_bucket: usize,
+    key_gen: u64,
+    tags: Vec<(Arc<AtomicU64>, u64)>,
+}
+
+/// Generations of keys, hashed into buckets (a collision only costs a skipped L1 insert).
+const KEY_BUCKETS: usize = 4096;
+
+#[derive(Clone)]
+struct L1Weigher;
+
+impl quick_cache::Weighter<String, L1Entry> for L1Weigher {
+    fn weight(&self, key: &String, val: &L1Entry) -> u64 {
+        (key.len() + val.bytes.len() + 64) as u64
+    }
+}
+
+struct Inner {
+    cfg: Builder,
+    prefix: String,
+    ns_tag: String,
+    client: redis::Client,
+    /// The RESP3 connection: ordinary commands, key tracking and the invalidation subscription.
+    main: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Idle connections for blocking lease reads (one read at a time each).
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    l1: quick_cache::sync::Cache<String, L1Entry, L1Weigher>,
+    /// Bumped when L1 is dropped whole (gap, reset, lost connection).
+    epoch: AtomicU64,
+    /// Bumped when a key of the bucket is invalidated.
+    key_gens: Box<[AtomicU64]>,
+    /// Tag -> generation, bumped when the tag is invalidated; L1 entries remember the generations.
+    tags: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Keys being loaded by this process.
+    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Metrics,
+    failures: AtomicU64,
+    open_until: Mutex<Option<Instant>>,
+    last_msg: Mutex<Option<(String, u64)>>,
+    closed: AtomicBool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.closed.store(true, SeqCst);
+    }
+}
+
+/// The invalidation message (see the module's COMMANDS.md).
+#[derive(Deserialize)]
+struct Message {
+    v: u64,
+    run_id: String,
+    seq: u64,
+    #[serde(default)]
+    reset: bool,
+    #[serde(default)]
+    tags: Vec<serde_bytes_compat::Bytes>,
+}
+
+mod serde_bytes_compat {
+    /// A MessagePack bin (or str) decoded as bytes.
+    #[derive(Debug)]
+    pub struct Bytes(pub Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for Bytes {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Bytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("bytes")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<Bytes, E> {
+                    Ok(Bytes(v.to_vec()))
+                }
+                fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Bytes, E> {
+                    Ok(Bytes(v))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Bytes, E> {
+                    Ok(Bytes(v.as_bytes().to_vec()))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    rmp_serde::to_vec_named(v).map_err(|e| e.to_string())
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(b).map_err(|e| e.to_string())
+}
+
+fn bulk(v: Option<&Value>) -> Option<Vec<u8>> {
+    match v {
+        Some(Value::BulkString(b)) => Some(b.clone()),
+        Some(Value::SimpleString(s)) => Some(s.clone().into_bytes()),
+        _ => None,
+    }
+}
+
+impl TierCache {
+    /// Starts a configuration for the Redis at `redis_url` (`redis://host:port/db`).
+    pub fn builder(redis_url: impl Into<String>) -> Builder {
+        Builder {
+            url: redis_url.into(),
+            namespace: "app".into(),
+            schema_version: 1,
+            l1_max_bytes: 64 << 20,
+            l1_ttl: Duration::from_secs(60),
+            default_ttl: Duration::from_secs(300),
+            stale: Duration::from_secs(0),
+            lease_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(2),
+            compress_min_size: 1024,
+            op_timeout: Duration::from_millis(500),
+            breaker_threshold: 3,
+            breaker_cooldown: Duration::from_secs(2),
+            channel: "tiercache:invalidations".into(),
+        }
+    }
+
+    /// Counters and gauges now.
+    pub fn metrics(&self) -> Snapshot {
+        let i = &self.inner;
+        i.metrics.snapshot(i.l1.len() as u64, i.l1.weight(), i.circuit_open())
+    }
+
+    /// The Redis key of `key` in this namespace and schema version.
+    pub fn redis_key(&self, key: &str) -> String {
+        format!("{}{}", self.inner.prefix, key)
+    }
+
+    /// Reads `key` from L1, then Redis (no lease, no load). `None` on a miss or when Redis fails.
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
+        let full = self.redis_key(key);
+        if let Some(b) = self.inner.l1_get(&full) {
+            return decode(&b).map(Some).map_err(Error::Codec);
+        }
+        let reply: Option<Value> = self.inner.call(redis::cmd("TIERCACHE.GET").arg(&full).arg("ENCODED")).await.ok();
+        match reply {
+            Some(Value::Array(v)) => {
+                let raw = self.inner.read_encoded(bulk(v.first()).as_deref(), bulk(v.get(1)))?;
+                decode(&raw).map(Some).map_err(Error::Codec)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Stores `value` (Redis, then L1).
+    pub async fn set<T: Serialize>(&self, key: &str, value: &T, opts: &Opts) -> Result<(), Error<std::convert::Infallible>> {
+        let full = self.redis_key(key);
+        let raw = encode(value).map_err(Error::Codec)?;
+        let ticket = self.inner.ticket(&full, opts);
+        let cmd = self.inner.set_cmd(&full, &raw, opts, None);
+        self.inner.call::<()>(&cmd).await.map_err(Error::Redis)?;
+        self.inner.l1_put(&full, raw.into(), opts, ticket);
+        Ok(())
+    }
+
+    /// Deletes `key` everywhere (other processes hear of it through key tracking).
+    pub async fn delete(&self, key: &str) -> Result<(), Error<std::convert::Infallible>> {
+        let full = self.redis_key(key);
+        self.inner.drop_key(&full);
+        self.inner.call::<i64>(redis::cmd("DEL").arg(&full)).await.map_err(Error::Redis)?;
+        Ok(())
+    }
+
+    /// Invalidates tags on the server (every process hears of it) and drops them here at once.
+    pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<u64, Error<std::convert::Infallible>> {
+        for t in tags {
+            self.inner.drop_tag(t.as_bytes());
+        }
+        let mut cmd = redis::cmd("TIERCACHE.INVALIDATE");
+        for t in tags {
+            cmd.arg(*t);
+        }
+        self.inner.call::<u64>(&cmd).await.map_err(Error::Redis)
+    }
+
+    /// Drops every entry of this namespace and schema version (O(1) on the server: the namespace tag).
+    pub async fn flush_namespace(&self) -> Result<u64, Error<std::convert::Infallible>> {
+        let tag = self.inner.ns_tag.clone();
+        self.invalidate_tags(&[tag.as_str()]).await
+    }
+
+    /// Returns the cached value of `key`, or loads it once for the whole fleet: L1, then this process's
+    /// in-flight load of the same key, then Redis with a fill lease (waiting in Redis while another
+    /// client loads), then `loader`, whose value is stored in Redis and L1.
+    pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let i = &self.inner;
+        let full = self.redis_key(key);
+        if let Some(b) = i.l1_get(&full) {
+            return decode(&b).map_err(Error::Codec);
+        }
+        // Local single-flight: the first task loads, the others wait for it and read L1.
+        let flight = i.flights.lock().entry(full.clone()).or_default().clone();
+        let waited = flight.try_lock().is_err();
+        let _guard = flight.lock().await;
+        if waited {
+            metrics::bump(&i.metrics.coalesced_local);
+            if let Some(b) = i.l1_get(&full) {
+                return decode(&b).map_err(Error::Codec);
+            }
+        }
+        let out = self.load_through_redis(&full, opts, loader).await;
+        i.flights.lock().remove(&full);
+        out
+    }
+
+    async fn load_through_redis<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let i = &self.inner;
+        let epoch = i.ticket(full, opts);
+        let reply = if i.circuit_open() { None } else { i.lease_get(full).await };
+        let Some(reply) = reply else {
+            // Redis is down or failing: load directly; L1 still serves what it has.
+            metrics::bump(&i.metrics.degraded_loads);
+            return self.run_loader(full, opts, loader, None, epoch, false).await;
+        };
+        let status = bulk(reply.first()).unwrap_or_default();
+        let value = match i.read_encoded(bulk(reply.get(3)).as_deref(), bulk(reply.get(1))) {
+            Ok(v) => Some(v),
+            Err(_) => None,
+        };
+        let token = bulk(reply.get(2));
+        match (&status[..], value, token) {
+            (b"HIT", Some(raw), token) => {
+                metrics::bump(&i.metrics.l2_hits);
+                let v: T = decode(&raw).map_err(Error::Codec)?;
+                i.l1_put(full, raw.into(), opts, epoch);
+                if let Some(token) = token {
+                    // Elected to refresh early (XFetch): serve now, refresh in the background.
+                    let _ = token;
+                }
+                Ok(v)
+            }
+            (b"STALE", Some(raw), token) => {
+                metrics::bump(&i.metrics.l2_stale);
+                let v: T = decode(&raw).map_err(Error::Codec)?;
+                match token {
+                    // This caller refreshes: load now (the others are served the stale value).
+                    Some(token) => match self.run_loader(full, opts, loader, Some(token), epoch, true).await {
+                        Ok(fresh) => Ok(fresh),
+                        Err(_) => {
+                            metrics::bump(&i.metrics.fail_safe);
+                            Ok(v)
+                        }
+                    },
+                    None => Ok(v),
+                }
+            }
+            (b"FILL", _, Some(token)) => {
+                metrics::bump(&i.metrics.l2_misses);
+                self.run_loader(full, opts, loader, Some(token), epoch, true).await
+            }
+            (b"HIT", None, _) | (b"STALE", None, _) => Err(Error::Codec("unreadable value from Redis".into())),
+            (b"PASS", _, _) => {
+                metrics::bump(&i.metrics.l2_misses);
+                self.run_loader(full, opts, loader, None, epoch, false).await
+            }
+            _ => {
+                // BUSY at the wait deadline: load without caching rather than fail.
+                metrics::bump(&i.metrics.l2_misses);
+                self.run_loader(full, opts, loader, None, epoch, false).await
+            }
+        }
+    }
+
+    async fn run_loader<T, E, F, Fut>(
+        &self,
+        full: &str,
+        opts: &Opts,
+        loader: F,
+        token: Option<Vec<u8>>,
+        epoch: Ticket,
+        store: bool,
+    ) -> Result<T, Error<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let i = &self.inner;
+        metrics::bump(&i.metrics.loads);
+        let v = match loader().await {
+            Ok(v) => v,
+            Err(e) => {
+                metrics::bump(&i.metrics.load_errors);
+                if let Some(token) = token {
+                    let _ = i.call::<i64>(redis::cmd("TIERCACHE.RELEASE").arg(full).arg(token)).await;
+                }
+                return Err(Error::Load(e));
+            }
+        };
+        let raw = encode(&v).map_err(Error::Codec)?;
+        if store && !i.circuit_open() {
+            let cmd = i.set_cmd(full, &raw, opts, token.as_deref());
+            match i.call::<()>(&cmd).await {
+                Ok(()) => i.l1_put(full, raw.into(), opts, epoch),
+                Err(e) if e.code() == Some("FENCED") => metrics::bump(&i.metrics.fenced),
+                Err(_) => {}
+            }
+        } else if !store {
+            // Degraded or passed: keep L1 useful, but never past an invalidation seen meanwhile.
+            i.l1_put(full, raw.into(), opts, epoch);
+        }
+        Ok(v)
+    }
+}
+
+impl Inner {
+    fn circuit_open(&self) -> bool {
+        matches!(*self.open_until.lock(), Some(t) if Instant::now() < t)
+    }
+
+    fn record(&self, ok: bool) {
+        if ok {
+            self.failures.store(0, Relaxed);
+            *self.open_until.lock() = None;
+        } else {
+            metrics::bump(&self.metrics.redis_errors);
+            if self.failures.fetch_add(1, Relaxed) + 1 >= u64::from(self.cfg.breaker_threshold) {
+                *self.open_until.lock() = Some(Instant::now() + self.cfg.breaker_cooldown);
+                self.failures.store(0, Relaxed);
+            }
+        }
+    }
+
+    /// Runs a command on the main connection (reconnecting if needed), with the op timeout.
+    async fn call<T: redis::FromRedisValue>(self: &Arc<Self>, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        let Some(mut conn) = self.main_conn().await else {
+            self.record(false);
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis unreachable")));
+        };
+        let r = match tokio::time::timeout(self.cfg.op_timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
+        };
+        let failed = matches!(&r, Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped());
+        self.record(!failed);
+        if failed {
+            self.lost_connection().await;
+        }
+        r
+    }
+
+    /// The main connection, connecting (tracking + subscription + listener) when there is none.
+    async fn main_conn(self: &Arc<Self>) -> Option<MultiplexedConnection> {
+        let mut slot = self.main.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Some(c.clone());
+        }
+        if self.circuit_open() {
+            return None;
+        }
+        // Everything cached before this connection existed may have missed invalidations.
+        self.reset_l1();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(tx)
+            .set_connection_timeout(Some(self.cfg.op_timeout))
+            .set_response_timeout(Some(self.cfg.op_timeout));
+        let connect = async {
+            let mut conn = self.resp3_client()?.get_multiplexed_async_connection_with_config(&config).await?;
+            redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .arg("BCAST")
+                .arg("PREFIX")
+                .arg(&self.prefix)
+                // Our own writes go to L1 directly; hearing of them would only evict what we just stored.
+                .arg("NOLOOP")
+                .query_async::<()>(&mut conn)
+                .await?;
+            conn.subscribe(&self.cfg.channel).await?;
+            redis::RedisResult::Ok(conn)
+        };
+        match connect.await {
+            Ok(conn) => {
+                self.record(true);
+                *slot = Some(conn.clone());
+                spawn_listener(Arc::downgrade(self), rx);
+                Some(conn)
+            }
+            Err(_) => {
+                self.record(false);
+                None
+            }
+        }
+    }
+
+    fn resp3_client(&self) -> redis::RedisResult<redis::Client> {
+        let url = &self.cfg.url;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        redis::Client::open(format!("{url}{sep}protocol=resp3"))
+    }
+
+    async fn lost_connection(&self) {
+        *self.main.lock().await = None;
+        self.blocking.lock().clear();
+        self.reset_l1();
+    }
+
+    fn reset_l1(&self) {
+        self.epoch.fetch_add(1, SeqCst);
+        if self.l1.len() > 0 {
+            metrics::bump(&self.metrics.l1_resets);
+        }
+        self.l1.clear();
+    }
+
+    /// `TIERCACHE.GET key ENCODED LEASE ... WAIT ...` on a connection of its own.
+    async fn lease_get(&self, full: &str) -> Option<Vec<Value>> {
+        let mut conn = match self.blocking.lock().pop() {
+            Some(c) => c,
+            None => {
+                let budget = self.cfg.wait_timeout + self.cfg.op_timeout;
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.cfg.op_timeout))
+                    .set_response_timeout(Some(budget));
+                match self.client.get_multiplexed_async_connection_with_config(&config).await {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.record(false);
+                        return None;
+                    }
+                }
+            }
+        };
+        let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
+            .arg(full)
+            .arg("ENCODED")
+            .arg("LEASE")
+            .arg(self.cfg.lease_timeout.as_millis() as u64)
+            .arg("WAIT")
+            .arg(self.cfg.wait_timeout.as_millis().max(1) as u64)
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(v) => {
+                self.record(true);
+                let mut pool = self.blocking.lock();
+                if pool.len() < 16 {
+                    pool.push(conn);
+                }
+                Some(v)
+            }
+            Err(e) => {
+                if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
+                    // A server error (e.g. a replica refusing leases): not a Redis outage.
+                    self.record(true);
+                    return None;
+                }
+                self.record(false);
+                None
+            }
+        }
+    }
+
+    fn read_encoded(&self, encoding: Option<&[u8]>, stored: Option<Vec<u8>>) -> Result<Vec<u8>, Error<std::convert::Infallible>> {
+        let stored = stored.ok_or_else(|| Error::Codec("no value".into()))?;
+        match encoding {
+            Some(b"lz4") => lz4::decompress(&stored).map_err(|e| Error::Codec(e.to_string())),
+            _ => Ok(stored),
+        }
+    }
+
+    fn set_cmd(&self, full: &str, raw: &[u8], opts: &Opts, token: Option<&[u8]>) -> redis::Cmd {
+        let ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).as_millis().max(1) as u64;
+        let stale = opts.stale.unwrap_or(self.cfg.stale).as_secs();
+        let mut cmd = redis::cmd("TIERCACHE.SET");
+        match lz4::compress_if_worth(raw, self.cfg.compress_min_size) {
+            Some(frame) => cmd.arg(full).arg(frame).arg("ENCODING").arg("lz4"),
+            None => cmd.arg(full).arg(raw).arg("NOCOMPRESS"),
+        };
+        cmd.arg("PX").arg(ttl);
+        if stale > 0 {
+            cmd.arg("STALE").arg(stale);
+        }
+        cmd.arg("TAGS").arg(opts.tags.len() + 1).arg(&self.ns_tag);
+        for t in &opts.tags {
+            cmd.arg(t);
+        }
+        if let Some(token) = token {
+            cmd.arg("LEASE").arg(token);
+        }
+        cmd
+    }
+
+    fn tag_gen(&self, tag: &[u8]) -> Arc<AtomicU64> {
+        let name = String::from_utf8_lossy(tag).into_owned();
+        self.tags.lock().entry(name).or_default().clone()
+    }
+
+    fn drop_tag(&self, tag: &[u8]) {
+        self.tag_gen(tag).fetch_add(1, SeqCst);
+    }
+
+    /// The key's generation bucket: FNV-1a, a fixed hash so that every call agrees.
+    fn bucket(full: &str) -> usize {
+        let mut x: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in full.as_bytes() {
+            x = (x ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (x as usize) % KEY_BUCKETS
+    }
+
+    fn ticket(&self, full: &str, opts: &Opts) -> Ticket {
+        let key_bucket = Self::bucket(full);
+        let tags = std::iter::once(&self.ns_tag)
+            .chain(opts.tags.iter())
+            .map(|t| {
+                let g = self.tag_gen(t.as_bytes());
+                let v = g.load(SeqCst);
+                (g, v)
+            })
+            .collect();
+        Ticket { epoch: self.epoch.load(SeqCst), key_bucket, key_gen: self.key_gens[key_bucket].load(SeqCst), tags }
+    }
+
+    fn ticket_valid(&self, t: &Ticket) -> bool {
+        self.epoch.load(SeqCst) == t.epoch
+            && self.key_gens[t.key_bucket].load(SeqCst) == t.key_gen
+            && t.tags.iter().all(|(g, v)| g.load(SeqCst) == *v)
+    }
+
+    fn drop_key(&self, full: &str) {
+        self.key_gens[Self::bucket(full)].fetch_add(1, SeqCst);
+        self.l1.remove(full);
+    }
+
+    fn l1_get(&self, full: &str) -> Option<Arc<[u8]>> {
+        match self.l1.get(full) {
+            Some(e) if Instant::now() < e.until && e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
+                metrics::bump(&self.metrics.l1_hits);
+                Some(e.bytes)
+            }
+            Some(_) => {
+                self.l1.remove(full);
+                metrics::bump(&self.metrics.l1_misses);
+                None
+            }
+            None => {
+                metrics::bump(&self.metrics.l1_misses);
+                None
+            }
+        }
+    }
+
+    /// Inserts unless the key, one of its tags or the whole cache was invalidated since `ticket`.
+    fn l1_put(&self, full: &str, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket) {
+        let ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).min(self.cfg.l1_ttl);
+        if !self.ticket_valid(&ticket) {
+            return;
+        }
+        let entry = L1Entry { bytes, until: Instant::now() + ttl, tags: ticket.tags.clone().into() };
+        self.l1.insert(full.to_owned(), entry);
+        // An invalidation racing with the insert: undo it (the entry's own tag check covers tags).
+        if !self.ticket_valid(&ticket) {
+            self.l1.remove(full);
+        }
+    }
+
+    /// Applies one push from the main connection.
+    fn on_push(&self, kind: PushKind, data: Vec<Value>) {
+        match kind {
+            PushKind::Invalidate => {
+                metrics::bump(&self.metrics.invalidations_received);
+                match data.into_iter().next() {
+                    Some(Value::Array(keys)) => {
+                        for k in keys {
+                            if let Some(k) = bulk(Some(&k)) {
+                                self.drop_key(String::from_utf8_lossy(&k).as_ref());
+                            }
+                        }
+                    }
+                    _ => self.reset_l1(),
+                }
+            }
+            PushKind::Message => {
+                let (Some(channel), Some(payload)) = (bulk(data.first()), bulk(data.get(1))) else { return };
+                if channel != self.cfg.channel.as_bytes() {
+                    return;
+                }
+                metrics::bump(&self.metrics.invalidations_received);
+                let Ok(msg) = rmp_serde::from_slice::<Message>(&payload) else {
+                    self.reset_l1();
+                    return;
+                };
+                let gap = {
+                    let mut last = self.last_msg.lock();
+                    let gap = msg.v != 1 || last.as_ref().is_some_and(|(run, seq)| *run != msg.run_id || *seq + 1 != msg.seq);
+                    *last = Some((msg.run_id.clone(), msg.seq));
+                    gap
+                };
+                if gap || msg.reset {
+                    self.reset_l1();
+                } else {
+                    for t in &msg.tags {
+                        self.drop_tag(&t.0);
+                    }
+                }
+            }
+            PushKind::Disconnection => {
+                // The next call reconnects; until then nothing in L1 can be trusted.
+                self.reset_l1();
+                if let Ok(mut slot) = self.main.try_lock() {
+                    *slot = None;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Applies pushes until the connection closes or the cache is dropped.
+fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>) {
+    tokio::spawn(async move {
+        while let Some(push) = rx.recv().await {
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.closed.load(SeqCst) {
+                return;
+            }
+            let disconnected = push.kind == PushKind::Disconnection;
+            inner.on_push(push.kind, push.data);
+            if disconnected {
+                return;
+            }
+        }
+    });
+}
