@@ -315,7 +315,7 @@ impl TierCache {
             namespace: "app".into(),
             schema_version: 1,
             l1_max_bytes: 64 << 20,
-            l1_ttl: Duration::from_secs(60),
+            l1_ttl: Duration::from_secs(10),
             default_ttl: Duration::from_secs(300),
             stale: Duration::from_secs(0),
             lease_timeout: Duration::from_secs(5),
@@ -395,11 +395,15 @@ impl TierCache {
     /// Returns the cached value of `key`, or loads it once for the whole fleet: L1, then this process's
     /// in-flight load of the same key, then Redis with a fill lease (waiting in Redis while another
     /// client loads), then `loader`, whose value is stored in Redis and L1.
+    ///
+    /// A stale value (inside the entry's stale window) or an early-refresh election (XFetch) is returned
+    /// at once while this call refreshes the entry in the background, hence the `Send + 'static` bounds.
     pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
         let full = self.redis_key(key);
@@ -423,9 +427,10 @@ impl TierCache {
 
     async fn load_through_redis<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
         let epoch = i.ticket(full, opts);
@@ -445,27 +450,21 @@ impl TierCache {
             (b"HIT", Some(raw), token) => {
                 metrics::bump(&i.metrics.l2_hits);
                 let v: T = decode(&raw).map_err(Error::Codec)?;
-                i.l1_put(full, raw.into(), opts, epoch);
                 if let Some(token) = token {
                     // Elected to refresh early (XFetch): serve now, refresh in the background.
-                    let _ = token;
+                    self.refresh_in_background(full, opts, loader, token);
                 }
+                i.l1_put(full, raw.into(), opts, epoch);
                 Ok(v)
             }
             (b"STALE", Some(raw), token) => {
+                // Served stale (never put in L1); the one caller holding the token refreshes behind.
                 metrics::bump(&i.metrics.l2_stale);
                 let v: T = decode(&raw).map_err(Error::Codec)?;
-                match token {
-                    // This caller refreshes: load now (the others are served the stale value).
-                    Some(token) => match self.run_loader(full, opts, loader, Some(token), epoch, true).await {
-                        Ok(fresh) => Ok(fresh),
-                        Err(_) => {
-                            metrics::bump(&i.metrics.fail_safe);
-                            Ok(v)
-                        }
-                    },
-                    None => Ok(v),
+                if let Some(token) = token {
+                    self.refresh_in_background(full, opts, loader, token);
                 }
+                Ok(v)
             }
             (b"FILL", _, Some(token)) => {
                 metrics::bump(&i.metrics.l2_misses);
@@ -482,6 +481,20 @@ impl TierCache {
                 self.run_loader(full, opts, loader, None, epoch, false).await
             }
         }
+    }
+
+    fn refresh_in_background<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F, token: Vec<u8>)
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let (me, full, opts) = (self.clone(), full.to_owned(), opts.clone());
+        tokio::spawn(async move {
+            let ticket = me.inner.ticket(&full, &opts);
+            let _ = me.run_loader(&full, &opts, loader, Some(token), ticket, true).await;
+        });
     }
 
     async fn run_loader<T, E, F, Fut>(
@@ -506,6 +519,13 @@ impl TierCache {
                 metrics::bump(&i.metrics.load_errors);
                 if let Some(token) = token {
                     let _ = i.call::<i64>(redis::cmd("TIERCACHE.RELEASE").arg(full).arg(token)).await;
+                }
+                // Fail-safe: a copy past its L1 deadline, but never one a tag or key invalidation killed.
+                if let Some(stale) = i.l1_stale(full) {
+                    if let Ok(v) = decode(&stale) {
+                        metrics::bump(&i.metrics.fail_safe);
+                        return Ok(v);
+                    }
                 }
                 return Err(Error::Load(e));
             }
@@ -749,20 +769,27 @@ impl Inner {
 
     fn l1_get(&self, full: &str) -> Option<Arc<[u8]>> {
         match self.l1.get(full) {
-            Some(e) if Instant::now() < e.until && e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
-                metrics::bump(&self.metrics.l1_hits);
-                Some(e.bytes)
-            }
-            Some(_) => {
+            Some(e) if !e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
+                // Invalidated through a tag: gone for good (not even for fail-safe).
                 self.l1.remove(full);
                 metrics::bump(&self.metrics.l1_misses);
                 None
             }
-            None => {
+            Some(e) if Instant::now() < e.until => {
+                metrics::bump(&self.metrics.l1_hits);
+                Some(e.bytes)
+            }
+            // Past its deadline: a miss, kept only as a fail-safe copy.
+            _ => {
                 metrics::bump(&self.metrics.l1_misses);
                 None
             }
         }
+    }
+
+    /// A copy past its deadline but never invalidated, for fail-safe.
+    fn l1_stale(&self, full: &str) -> Option<Arc<[u8]>> {
+        self.l1.get(full).filter(|e| e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v)).map(|e| e.bytes)
     }
 
     /// Inserts unless the key, one of its tags or the whole cache was invalidated since `ticket`.
