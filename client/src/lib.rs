@@ -208,6 +208,9 @@ struct Ticket {
     tags: Vec<(Arc<AtomicU64>, u64)>,
 }
 
+/// Tag generations kept before they are all dropped (with L1).
+const MAX_TRACKED_TAGS: usize = 100_000;
+
 /// Generations of keys, hashed into buckets (a collision only costs a skipped L1 insert).
 const KEY_BUCKETS: usize = 4096;
 
@@ -727,7 +730,16 @@ impl Inner {
 
     fn tag_gen(&self, tag: &[u8]) -> Arc<AtomicU64> {
         let name = String::from_utf8_lossy(tag).into_owned();
-        self.tags.lock().entry(name).or_default().clone()
+        let mut tags = self.tags.lock();
+        if tags.len() >= MAX_TRACKED_TAGS && !tags.contains_key(&name) {
+            // Bounded memory with high-cardinality tags: forget every generation, and with them every
+            // L1 entry that pointed at one (an entry must never outlive its tag's generation).
+            tags.clear();
+            drop(tags);
+            self.reset_l1();
+            tags = self.tags.lock();
+        }
+        tags.entry(name).or_default().clone()
     }
 
     fn drop_tag(&self, tag: &[u8]) {
