@@ -192,11 +192,13 @@ pub struct TierCache {
     inner: Arc<Inner>,
 }
 
-#[derive(Clone)]
-struct L1Entry {
+/// One L1 entry; cloned out of the cache on every hit, so it is one `Arc`.
+type L1Entry = Arc<L1Data>;
+
+struct L1Data {
     bytes: Arc<[u8]>,
     until: Instant,
-    tags: Arc<[(Arc<AtomicU64>, u64)]>,
+    tags: Box<[(Arc<AtomicU64>, u64)]>,
 }
 
 /// What an L1 insert must still match to land: taken before the read or load it follows, so that any
@@ -232,6 +234,7 @@ struct Inner {
     main: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     /// Idle connections for blocking lease reads (one read at a time each).
     blocking: Mutex<Vec<MultiplexedConnection>>,
+    /// Keyed by the caller's key (without the namespace prefix), so a hit allocates nothing.
     l1: quick_cache::sync::Cache<String, L1Entry, L1Weigher>,
     /// Bumped when L1 is dropped whole (gap, reset, lost connection).
     epoch: AtomicU64,
@@ -344,10 +347,10 @@ impl TierCache {
 
     /// Reads `key` from L1, then Redis (no lease, no load). `None` on a miss or when Redis fails.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
-        let full = self.redis_key(key);
-        if let Some(b) = self.inner.l1_get(&full) {
+        if let Some(b) = self.inner.l1_get(key) {
             return decode(&b).map(Some).map_err(Error::Codec);
         }
+        let full = self.redis_key(key);
         let reply: Option<Value> = self.inner.call(redis::cmd("TIERCACHE.GET").arg(&full).arg("ENCODED")).await.ok();
         match reply {
             Some(Value::Array(v)) => {
@@ -409,17 +412,17 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
-        let full = self.redis_key(key);
-        if let Some(b) = i.l1_get(&full) {
+        if let Some(b) = i.l1_get(key) {
             return decode(&b).map_err(Error::Codec);
         }
+        let full = self.redis_key(key);
         // Local single-flight: the first task loads, the others wait for it and read L1.
         let flight = i.flights.lock().entry(full.clone()).or_default().clone();
         let waited = flight.try_lock().is_err();
         let _guard = flight.lock().await;
         if waited {
             metrics::bump(&i.metrics.coalesced_local);
-            if let Some(b) = i.l1_get(&full) {
+            if let Some(b) = i.l1_get(key) {
                 return decode(&b).map_err(Error::Codec);
             }
         }
@@ -444,10 +447,7 @@ impl TierCache {
             return self.run_loader(full, opts, loader, None, epoch, false).await;
         };
         let status = bulk(reply.first()).unwrap_or_default();
-        let value = match i.read_encoded(bulk(reply.get(3)).as_deref(), bulk(reply.get(1))) {
-            Ok(v) => Some(v),
-            Err(_) => None,
-        };
+        let value = i.read_encoded(bulk(reply.get(3)).as_deref(), bulk(reply.get(1))).ok();
         let token = bulk(reply.get(2));
         match (&status[..], value, token) {
             (b"HIT", Some(raw), token) => {
@@ -644,7 +644,7 @@ impl Inner {
 
     fn reset_l1(&self) {
         self.epoch.fetch_add(1, SeqCst);
-        if self.l1.len() > 0 {
+        if !self.l1.is_empty() {
             metrics::bump(&self.metrics.l1_resets);
         }
         self.l1.clear();
@@ -652,7 +652,9 @@ impl Inner {
 
     /// `TIERCACHE.GET key ENCODED LEASE ... WAIT ...` on a connection of its own.
     async fn lease_get(&self, full: &str) -> Option<Vec<Value>> {
-        let mut conn = match self.blocking.lock().pop() {
+        // Take the pooled connection before any await: the pool lock must not live across one.
+        let pooled = self.blocking.lock().pop();
+        let mut conn = match pooled {
             Some(c) => c,
             None => {
                 let budget = self.cfg.wait_timeout + self.cfg.op_timeout;
@@ -774,22 +776,28 @@ impl Inner {
             && t.tags.iter().all(|(g, v)| g.load(SeqCst) == *v)
     }
 
-    fn drop_key(&self, full: &str) {
-        self.key_gens[Self::bucket(full)].fetch_add(1, SeqCst);
-        self.l1.remove(full);
+    /// The caller's key of a Redis key of this namespace.
+    fn short<'a>(&self, full: &'a str) -> &'a str {
+        full.strip_prefix(self.prefix.as_str()).unwrap_or(full)
     }
 
-    fn l1_get(&self, full: &str) -> Option<Arc<[u8]>> {
-        match self.l1.get(full) {
+    fn drop_key(&self, full: &str) {
+        self.key_gens[Self::bucket(full)].fetch_add(1, SeqCst);
+        self.l1.remove(self.short(full));
+    }
+
+    /// L1 lookup by the caller's key.
+    fn l1_get(&self, key: &str) -> Option<Arc<[u8]>> {
+        match self.l1.get(key) {
             Some(e) if !e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
                 // Invalidated through a tag: gone for good (not even for fail-safe).
-                self.l1.remove(full);
+                self.l1.remove(key);
                 metrics::bump(&self.metrics.l1_misses);
                 None
             }
             Some(e) if Instant::now() < e.until => {
                 metrics::bump(&self.metrics.l1_hits);
-                Some(e.bytes)
+                Some(e.bytes.clone())
             }
             // Past its deadline: a miss, kept only as a fail-safe copy.
             _ => {
@@ -801,7 +809,7 @@ impl Inner {
 
     /// A copy past its deadline but never invalidated, for fail-safe.
     fn l1_stale(&self, full: &str) -> Option<Arc<[u8]>> {
-        self.l1.get(full).filter(|e| e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v)).map(|e| e.bytes)
+        self.l1.get(self.short(full)).filter(|e| e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v)).map(|e| e.bytes.clone())
     }
 
     /// Inserts unless the key, one of its tags or the whole cache was invalidated since `ticket`.
@@ -810,11 +818,12 @@ impl Inner {
         if !self.ticket_valid(&ticket) {
             return;
         }
-        let entry = L1Entry { bytes, until: Instant::now() + ttl, tags: ticket.tags.clone().into() };
-        self.l1.insert(full.to_owned(), entry);
+        let key = self.short(full);
+        let entry = Arc::new(L1Data { bytes, until: Instant::now() + ttl, tags: ticket.tags.clone().into() });
+        self.l1.insert(key.to_owned(), entry);
         // An invalidation racing with the insert: undo it (the entry's own tag check covers tags).
         if !self.ticket_valid(&ticket) {
-            self.l1.remove(full);
+            self.l1.remove(key);
         }
     }
 

@@ -1,6 +1,5 @@
 //! A first end-to-end check of the client against a real module-enabled redis-server.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
