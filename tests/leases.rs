@@ -1348,3 +1348,33 @@ fn reply_shapes(p: Proto) {
     assert_eq!(c.run(&cmd!("TIERCACHE.GET", "q")), Value::Nil);
     assert_settled(&mut c);
 }
+
+/// TIERCACHE.DEL: deletes like DEL (count, replication) and fences fills even of keys that do not exist,
+/// which plain DEL cannot (no key, no event): the cache-aside "write the database, then delete" race.
+#[test]
+fn tiercache_del_fences_fills_of_missing_keys() {
+    let master = Server::start();
+    let replica = master.start_replica(Server::builder());
+    let mut c = master.conn();
+    let mut h = master.conn();
+    // Plain DEL of a missing key does not fence the fill.
+    let tok = lease_get(&mut h, &lget("plain", 5_000, None)).expect("FILL", None, true).unwrap();
+    assert_eq!(c.int(&cmd!("DEL", "plain")), 0);
+    h.ok(&lset("plain", "old", &tok, &[]));
+    // TIERCACHE.DEL of a missing key does.
+    let tok = lease_get(&mut h, &lget("k", 5_000, None)).expect("FILL", None, true).unwrap();
+    assert_eq!(c.int(&cmd!("TIERCACHE.DEL", "k")), 0);
+    h.expect_err(&lset("k", "old", &tok, &[]), KEY_CHANGED);
+    assert!(!c.exists("k"), "a fenced fill stores nothing");
+    // It deletes like DEL, any type, and counts.
+    c.set("a", "1", &["TAGS", "1", "t"]);
+    c.ok(&cmd!("SET", "native", "x"));
+    assert_eq!(c.int(&cmd!("TIERCACHE.DEL", "a", "native", "missing")), 2);
+    assert!(!c.exists("a") && !c.exists("native"));
+    assert_eq!(c.int(&cmd!("TIERCACHE.TAGCOUNT", "t")), 0, "the tag index follows");
+    assert_eq!(c.int(&cmd!("WAIT", 1, 2000)), 1);
+    let mut r = replica.conn();
+    assert!(!r.exists("a") && !r.exists("native"), "replicated as DEL");
+    assert!(r.exists("plain"), "the unfenced fill after a plain DEL was stored (and replicated)");
+    assert_eq!(c.err(&cmd!("TIERCACHE.DEL")), "ERR wrong number of arguments for 'tiercache.del' command");
+}

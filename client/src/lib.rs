@@ -180,6 +180,7 @@ impl Builder {
             open_until: Mutex::new(None),
             last_msg: Mutex::new(None),
             closed: AtomicBool::new(false),
+            tracking: AtomicBool::new(false),
         });
         let _ = inner.main_conn().await;
         Ok(TierCache { inner })
@@ -204,6 +205,9 @@ struct L1Data {
 /// What an L1 insert must still match to land: taken before the read or load it follows, so that any
 /// invalidation of the key, one of its tags, or the whole cache in between keeps it out.
 struct Ticket {
+    /// Whether invalidations were flowing: an entry loaded while Redis is away may land (L1 keeps
+    /// serving during an outage) but is dropped when coherence resumes; a change in between voids it.
+    tracking: bool,
     epoch: u64,
     key_bucket: usize,
     key_gen: u64,
@@ -249,6 +253,8 @@ struct Inner {
     open_until: Mutex<Option<Instant>>,
     last_msg: Mutex<Option<(String, u64)>>,
     closed: AtomicBool,
+    /// The tracking + subscription connection is up: only then may L1 take new entries.
+    tracking: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -347,6 +353,7 @@ impl TierCache {
 
     /// Reads `key` from L1, then Redis (no lease, no load). `None` on a miss or when Redis fails.
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
+        self.inner.resume_coherence().await;
         if let Some(b) = self.inner.l1_get(key) {
             return decode(&b).map(Some).map_err(Error::Codec);
         }
@@ -372,11 +379,13 @@ impl TierCache {
         Ok(())
     }
 
-    /// Deletes `key` everywhere (other processes hear of it through key tracking).
+    /// Deletes `key` everywhere (other processes hear of it through key tracking). It is
+    /// `TIERCACHE.DEL`, which also fences a fill in flight, even of a key not cached yet: call it after
+    /// the database commit, and no loader that read the old row can store it afterwards.
     pub async fn delete(&self, key: &str) -> Result<(), Error<std::convert::Infallible>> {
         let full = self.redis_key(key);
         self.inner.drop_key(&full);
-        self.inner.call::<i64>(redis::cmd("DEL").arg(&full)).await.map_err(Error::Redis)?;
+        self.inner.call::<i64>(redis::cmd("TIERCACHE.DEL").arg(&full)).await.map_err(Error::Redis)?;
         Ok(())
     }
 
@@ -412,6 +421,7 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
+        i.resume_coherence().await;
         if let Some(b) = i.l1_get(key) {
             return decode(&b).map_err(Error::Codec);
         }
@@ -440,7 +450,9 @@ impl TierCache {
     {
         let i = &self.inner;
         let epoch = i.ticket(full, opts);
-        let reply = if i.circuit_open() { None } else { i.lease_get(full).await };
+        // Reconnect the tracking connection first if it was lost: L2 values are only worth caching
+        // in L1 with invalidations flowing.
+        let reply = if i.circuit_open() || i.main_conn().await.is_none() { None } else { i.lease_get(full).await };
         let Some(reply) = reply else {
             // Redis is down or failing: load directly; L1 still serves what it has.
             metrics::bump(&i.metrics.degraded_loads);
@@ -496,7 +508,8 @@ impl TierCache {
         let (me, full, opts) = (self.clone(), full.to_owned(), opts.clone());
         tokio::spawn(async move {
             let ticket = me.inner.ticket(&full, &opts);
-            let _ = me.run_loader(&full, &opts, loader, Some(token), ticket, true).await;
+            // A failure counts as a fail-safe serve: the stale value already served stands in for it.
+            let _ = me.run_loader_inner(&full, &opts, loader, Some(token), ticket, true, true).await;
         });
     }
 
@@ -514,11 +527,33 @@ impl TierCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.run_loader_inner(full, opts, loader, token, epoch, store, false).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_loader_inner<T, E, F, Fut>(
+        &self,
+        full: &str,
+        opts: &Opts,
+        loader: F,
+        token: Option<Vec<u8>>,
+        epoch: Ticket,
+        store: bool,
+        served_stale: bool,
+    ) -> Result<T, Error<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let i = &self.inner;
         metrics::bump(&i.metrics.loads);
         let v = match loader().await {
             Ok(v) => v,
             Err(e) => {
+                if served_stale {
+                    metrics::bump(&i.metrics.fail_safe);
+                }
                 metrics::bump(&i.metrics.load_errors);
                 if let Some(token) = token {
                     let _ = i.call::<i64>(redis::cmd("TIERCACHE.RELEASE").arg(full).arg(token)).await;
@@ -594,8 +629,6 @@ impl Inner {
         if self.circuit_open() {
             return None;
         }
-        // Everything cached before this connection existed may have missed invalidations.
-        self.reset_l1();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let config = AsyncConnectionConfig::new()
             .set_push_sender(tx)
@@ -619,7 +652,11 @@ impl Inner {
         match connect.await {
             Ok(conn) => {
                 self.record(true);
+                // Coherence resumes now: everything cached before (including what was loaded while
+                // Redis was away) may have missed invalidations.
+                self.reset_l1();
                 *slot = Some(conn.clone());
+                self.tracking.store(true, SeqCst);
                 spawn_listener(Arc::downgrade(self), rx);
                 Some(conn)
             }
@@ -630,16 +667,27 @@ impl Inner {
         }
     }
 
+    /// While invalidations are not flowing, every read first tries to reconnect (at most once per
+    /// breaker cooldown while Redis stays down): a success drops L1, so nothing cached while Redis was
+    /// away outlives the outage. One atomic load when all is well.
+    async fn resume_coherence(self: &Arc<Self>) {
+        if !self.tracking.load(Relaxed) {
+            let _ = self.main_conn().await;
+        }
+    }
+
     fn resp3_client(&self) -> redis::RedisResult<redis::Client> {
         let url = &self.cfg.url;
         let sep = if url.contains('?') { '&' } else { '?' };
         redis::Client::open(format!("{url}{sep}protocol=resp3"))
     }
 
+    /// The tracking connection is gone: L1 keeps serving what it has and what is loaded meanwhile
+    /// (bounded by `l1_ttl`), and is dropped whole when coherence resumes.
     async fn lost_connection(&self) {
+        self.tracking.store(false, SeqCst);
         *self.main.lock().await = None;
         self.blocking.lock().clear();
-        self.reset_l1();
     }
 
     fn reset_l1(&self) {
@@ -767,11 +815,12 @@ impl Inner {
                 (g, v)
             })
             .collect();
-        Ticket { epoch: self.epoch.load(SeqCst), key_bucket, key_gen: self.key_gens[key_bucket].load(SeqCst), tags }
+        Ticket { tracking: self.tracking.load(SeqCst), epoch: self.epoch.load(SeqCst), key_bucket, key_gen: self.key_gens[key_bucket].load(SeqCst), tags }
     }
 
     fn ticket_valid(&self, t: &Ticket) -> bool {
-        self.epoch.load(SeqCst) == t.epoch
+        self.tracking.load(SeqCst) == t.tracking
+            && self.epoch.load(SeqCst) == t.epoch
             && self.key_gens[t.key_bucket].load(SeqCst) == t.key_gen
             && t.tags.iter().all(|(g, v)| g.load(SeqCst) == *v)
     }
@@ -868,8 +917,8 @@ impl Inner {
                 }
             }
             PushKind::Disconnection => {
-                // The next call reconnects; until then nothing in L1 can be trusted.
-                self.reset_l1();
+                // No more pushes: in-flight fills are void; the next call reconnects (which drops L1).
+                self.tracking.store(false, SeqCst);
                 if let Ok(mut slot) = self.main.try_lock() {
                     *slot = None;
                 }

@@ -33,6 +33,8 @@ enum KeyAccess {
     Read,
     /// Replaces the key's value: OW | UPDATE.
     Overwrite,
+    /// Deletes every key from argument 1 on: RM | DELETE.
+    DeleteAll,
 }
 
 struct Command {
@@ -45,7 +47,7 @@ struct Command {
     complexity: &'static CStr,
 }
 
-fn table() -> [Command; 8] {
+fn table() -> [Command; 9] {
     [
         Command {
             name: c"tiercache.set",
@@ -120,6 +122,15 @@ fn table() -> [Command; 8] {
             summary: c"Gives a fill lease back without a value: the next waiter loads (or, with PASS, every waiter loads itself without caching).",
             complexity: c"O(W) for W parked readers woken",
         },
+        Command {
+            name: c"tiercache.del",
+            handler: handler!(lease::del),
+            flags: c"write",
+            arity: -2,
+            key: KeyAccess::DeleteAll,
+            summary: c"Deletes keys like DEL and fences every fill lease on them, even on keys that do not exist.",
+            complexity: c"O(N) for N keys",
+        },
     ]
 }
 
@@ -128,6 +139,7 @@ pub fn register(ctx: Ctx) -> bool {
     for cmd in table() {
         let (first, last, step) = match cmd.key {
             KeyAccess::None => (0, 0, 0),
+            KeyAccess::DeleteAll => (1, -1, 1),
             _ => (1, 1, 1),
         };
         // SAFETY: OnLoad context; the name and flags are C strings; the handler is a valid extern fn.
@@ -145,6 +157,7 @@ fn set_info(ctx: Ctx, cmd: &Command) -> bool {
         KeyAccess::None => 0,
         KeyAccess::Read => (raw::REDISMODULE_CMD_KEY_RO | raw::REDISMODULE_CMD_KEY_ACCESS) as u64,
         KeyAccess::Overwrite => (raw::REDISMODULE_CMD_KEY_OW | raw::REDISMODULE_CMD_KEY_UPDATE) as u64,
+        KeyAccess::DeleteAll => (raw::REDISMODULE_CMD_KEY_RM | raw::REDISMODULE_CMD_KEY_DELETE) as u64,
     };
     // SAFETY: all-zero is the documented terminator (and "unset") for key specs.
     let mut specs: [raw::RedisModuleCommandKeySpec; 2] = unsafe { std::mem::zeroed() };
@@ -152,7 +165,7 @@ fn set_info(ctx: Ctx, cmd: &Command) -> bool {
     specs[0].begin_search_type = raw::RedisModuleKeySpecBeginSearchType_REDISMODULE_KSPEC_BS_INDEX;
     specs[0].bs.index.pos = 1;
     specs[0].find_keys_type = raw::RedisModuleKeySpecFindKeysType_REDISMODULE_KSPEC_FK_RANGE;
-    specs[0].fk.range.lastkey = 0;
+    specs[0].fk.range.lastkey = if matches!(cmd.key, KeyAccess::DeleteAll) { -1 } else { 0 };
     specs[0].fk.range.keystep = 1;
     specs[0].fk.range.limit = 0;
     let version = raw::RedisModuleCommandInfoVersion {
