@@ -20,11 +20,19 @@ use crate::stats;
 
 type Bc = *mut raw::RedisModuleBlockedClient;
 
+/// The shape of a lease read's reply: `[status, value, token]`, then the encoding with ENCODED, then
+/// the fresh time left with WITHTTL.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shape {
+    pub encoded: bool,
+    pub with_ttl: bool,
+}
+
 /// A read parked on a lease.
 pub struct Parked {
     bc: Bc,
     client: u64,
-    encoded: bool,
+    encoded: Shape,
     lease_ms: i64,
 }
 
@@ -37,7 +45,7 @@ impl Waiter for Parked {
 /// How a parked read is answered (and whether it asked for ENCODED).
 struct WakeMsg {
     how: Wake,
-    encoded: bool,
+    encoded: Shape,
 }
 
 enum Wake {
@@ -99,9 +107,11 @@ fn token_text(token: u64) -> String {
     token.to_string()
 }
 
-/// `[status, value, token]` (+ encoding with ENCODED).
-pub fn reply_lease(ctx: Ctx, status: &str, value: Option<&Entry>, token: Option<u64>, encoded: bool) -> c_int {
-    reply::array(ctx, if encoded { 4 } else { 3 });
+/// `[status, value, token]`, + encoding with ENCODED, + fresh time left (ms; -1 no deadline, 0 stale,
+/// nil without a value) with WITHTTL.
+pub fn reply_lease(ctx: Ctx, status: &str, value: Option<&Entry>, token: Option<u64>, shape: Shape) -> c_int {
+    let encoded = shape.encoded;
+    reply::array(ctx, 3 + usize::from(shape.encoded) + usize::from(shape.with_ttl));
     reply::bulk(ctx, status.as_bytes());
     match value {
         Some(e) if encoded => {
@@ -129,6 +139,12 @@ pub fn reply_lease(ctx: Ctx, status: &str, value: Option<&Entry>, token: Option<
             None => reply::null(ctx),
         };
     }
+    if shape.with_ttl {
+        match value {
+            Some(e) => reply::int(ctx, e.fresh_ttl_ms(now_ms())),
+            None => reply::null(ctx),
+        };
+    }
     OK
 }
 
@@ -146,7 +162,7 @@ pub fn acquire(ctx: Ctx, db: usize, key: &[u8], lease_ms: i64) -> Acquire {
 }
 
 /// Parks the caller until the lease on `key` ends or `wait_ms` passes.
-pub fn park(ctx: Ctx, db: usize, key: &[u8], wait_ms: i64, lease_ms: i64, encoded: bool) -> c_int {
+pub fn park(ctx: Ctx, db: usize, key: &[u8], wait_ms: i64, lease_ms: i64, encoded: Shape) -> c_int {
     // SAFETY: live command context, blocking allowed (checked by the caller); the callbacks are valid
     // extern fns; Redis owns the handle until we unblock it, exactly once.
     let bc = unsafe { api!(RedisModule_BlockClient)(ctx, Some(on_wake), Some(on_timeout), Some(free_wake), wait_ms) };
@@ -169,7 +185,7 @@ pub fn park(ctx: Ctx, db: usize, key: &[u8], wait_ms: i64, lease_ms: i64, encode
     OK
 }
 
-fn wake(bc: Bc, how: Wake, encoded: bool) {
+fn wake(bc: Bc, how: Wake, encoded: Shape) {
     PARKED_AT.with(|p| p.borrow_mut().remove(&(bc as usize)));
     let data = Box::into_raw(Box::new(WakeMsg { how, encoded }));
     // SAFETY: bc is a blocked handle we have not unblocked yet (it was just taken out of the table);
@@ -344,7 +360,7 @@ unsafe extern "C" fn on_wake(ctx: Ctx, _argv: *mut RStr, _argc: c_int) -> c_int 
             Some(WakeMsg { how: Wake::Hit(e), encoded }) => reply_lease(ctx, "HIT", Some(e), None, *encoded),
             Some(WakeMsg { how: Wake::Fill(token), encoded }) => reply_lease(ctx, "FILL", None, Some(*token), *encoded),
             Some(WakeMsg { how: Wake::Pass, encoded }) => reply_lease(ctx, "PASS", None, None, *encoded),
-            None => reply_lease(ctx, "PASS", None, None, false),
+            None => reply_lease(ctx, "PASS", None, None, Shape::default()),
         }
     })
 }
@@ -359,7 +375,7 @@ unsafe extern "C" fn on_timeout(ctx: Ctx, _argv: *mut RStr, _argc: c_int) -> c_i
                 unsafe { api!(RedisModule_UnblockClient)(bc, std::ptr::null_mut()) };
                 w.encoded
             }
-            None => false,
+            None => Shape::default(),
         };
         stats::WAIT_TIMEOUTS.bump();
         reply_lease(ctx, "BUSY", None, None, encoded)

@@ -97,6 +97,7 @@ pub struct Builder {
     lease_timeout: Duration,
     wait_timeout: Duration,
     compress_min_size: usize,
+    ttl_jitter: f64,
     op_timeout: Duration,
     breaker_threshold: u32,
     breaker_cooldown: Duration,
@@ -140,6 +141,12 @@ impl Builder {
     }
     pub fn compress_min_size(mut self, n: usize) -> Self {
         self.compress_min_size = n;
+        self
+    }
+    /// Spreads expiries: each write's TTL is shortened by a random fraction up to `fraction` (0..=0.5),
+    /// so entries written together do not all expire together.
+    pub fn ttl_jitter(mut self, fraction: f64) -> Self {
+        self.ttl_jitter = fraction.clamp(0.0, 0.5);
         self
     }
     /// Timeout of a non-blocking Redis call; past it Redis counts as failing.
@@ -303,6 +310,23 @@ mod serde_bytes_compat {
     }
 }
 
+/// A number in [0, 1) from a per-thread xorshift (jitter needs no quality, only spread).
+fn jitter_unit() -> f64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1,
+        );
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    })
+}
+
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
     rmp_serde::to_vec_named(v).map_err(|e| e.to_string())
 }
@@ -333,6 +357,7 @@ impl TierCache {
             lease_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(2),
             compress_min_size: 1024,
+            ttl_jitter: 0.0,
             op_timeout: Duration::from_millis(500),
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(2),
@@ -469,7 +494,12 @@ impl TierCache {
                     // Elected to refresh early (XFetch): serve now, refresh in the background.
                     self.refresh_in_background(full, opts, loader, token);
                 }
-                i.l1_put(full, raw.into(), opts, epoch);
+                // The server's own fresh time left bounds the L1 copy (another writer's TTL may be shorter).
+                let server_ttl = match reply.get(4) {
+                    Some(Value::Int(ms)) if *ms >= 0 => Some(Duration::from_millis(*ms as u64)),
+                    _ => None,
+                };
+                i.l1_put_for(full, raw.into(), opts, epoch, server_ttl);
                 Ok(v)
             }
             (b"STALE", Some(raw), token) => {
@@ -721,6 +751,7 @@ impl Inner {
         let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
             .arg(full)
             .arg("ENCODED")
+            .arg("WITHTTL")
             .arg("LEASE")
             .arg(self.cfg.lease_timeout.as_millis() as u64)
             .arg("WAIT")
@@ -757,7 +788,11 @@ impl Inner {
     }
 
     fn set_cmd(&self, full: &str, raw: &[u8], opts: &Opts, token: Option<&[u8]>) -> redis::Cmd {
-        let ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).as_millis().max(1) as u64;
+        let mut ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).as_millis().max(1) as u64;
+        if self.cfg.ttl_jitter > 0.0 {
+            ttl -= (ttl as f64 * self.cfg.ttl_jitter * jitter_unit()) as u64;
+            ttl = ttl.max(1);
+        }
         let stale = opts.stale.unwrap_or(self.cfg.stale).as_secs();
         let mut cmd = redis::cmd("TIERCACHE.SET");
         match lz4::compress_if_worth(raw, self.cfg.compress_min_size) {
@@ -863,7 +898,15 @@ impl Inner {
 
     /// Inserts unless the key, one of its tags or the whole cache was invalidated since `ticket`.
     fn l1_put(&self, full: &str, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket) {
-        let ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).min(self.cfg.l1_ttl);
+        self.l1_put_for(full, bytes, opts, ticket, None)
+    }
+
+    /// Like `l1_put`, bounded also by the server's fresh time left when known.
+    fn l1_put_for(&self, full: &str, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket, server_ttl: Option<Duration>) {
+        let mut ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).min(self.cfg.l1_ttl);
+        if let Some(s) = server_ttl {
+            ttl = ttl.min(s);
+        }
         if !self.ticket_valid(&ticket) {
             return;
         }

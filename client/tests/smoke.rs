@@ -42,3 +42,32 @@ async fn load_once_then_l1_then_invalidate_from_another_instance() {
     let text = a.metrics().to_prometheus();
     assert!(text.contains("tiercache_client_l1_hits_total"));
 }
+
+/// The L1 copy of a value another client wrote with a shorter TTL expires with the server's entry
+/// (WITHTTL), not after this caller's own TTL; and ttl_jitter shortens written TTLs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_deadline_follows_the_server_and_jitter_spreads_ttls() {
+    let server = common::Server::start();
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let writer = TierCache::builder(&url).namespace("t").build().await.unwrap();
+    let reader = TierCache::builder(&url).namespace("t").build().await.unwrap();
+    writer.set("short", &"v1".to_string(), &Opts::default().ttl(Duration::from_millis(300))).await.unwrap();
+    let long = Opts::default().ttl(Duration::from_secs(60));
+    let fail = || async { Err::<String, std::io::Error>(std::io::Error::other("no database")) };
+    assert_eq!(reader.get_or_load("short", &long, fail).await.unwrap(), "v1", "an L2 hit");
+    assert_eq!(reader.get_or_load("short", &long, fail).await.unwrap(), "v1", "now from L1");
+    assert!(reader.metrics().l1_hits >= 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let again = reader.get_or_load("short", &long, || async { Ok::<_, std::io::Error>("v2".to_string()) }).await.unwrap();
+    assert_eq!(again, "v2", "the L1 copy expired with the server's fresh period, not the reader's 60 s");
+
+    let jittery = TierCache::builder(&url).namespace("j").ttl_jitter(0.5).build().await.unwrap();
+    let mut conn = server.conn();
+    let mut ttls = Vec::new();
+    for n in 0..20 {
+        jittery.set(&format!("k{n}"), &n, &Opts::default().ttl(Duration::from_secs(100))).await.unwrap();
+        ttls.push(conn.int(&redis::cmd("PTTL").arg(jittery.redis_key(&format!("k{n}")))));
+    }
+    assert!(ttls.iter().all(|&t| (50_000..=100_000).contains(&t)), "{ttls:?}");
+    assert!(ttls.iter().max().unwrap() - ttls.iter().min().unwrap() > 5_000, "spread: {ttls:?}");
+}

@@ -261,6 +261,8 @@ pub struct LeaseArgs {
 pub struct GetArgs {
     /// ENCODED: reply `[encoding, stored bytes]` instead of the decoded value.
     pub encoded: bool,
+    /// WITHTTL (lease form only): one more reply element, the entry's fresh time left in ms.
+    pub with_ttl: bool,
     pub lease: Option<LeaseArgs>,
 }
 
@@ -283,6 +285,9 @@ pub fn parse_get(opts: &[&[u8]]) -> Result<GetArgs, ArgError> {
         if is("ENCODED") && !args.encoded {
             args.encoded = true;
             i += 1;
+        } else if is("WITHTTL") && !args.with_ttl {
+            args.with_ttl = true;
+            i += 1;
         } else if is("LEASE") && lease.is_none() {
             lease = Some(positive_ms(opts.get(i + 1), ArgError::InvalidLease)?);
             i += 2;
@@ -303,7 +308,7 @@ pub fn parse_get(opts: &[&[u8]]) -> Result<GetArgs, ArgError> {
     }
     match lease {
         Some(lease_ms) => args.lease = Some(LeaseArgs { lease_ms, wait_ms: wait, beta }),
-        None if wait.is_some() || beta.is_some() => return Err(ArgError::Syntax),
+        None if wait.is_some() || beta.is_some() || args.with_ttl => return Err(ArgError::Syntax),
         None => {}
     }
     Ok(args)
@@ -391,8 +396,10 @@ mod tests {
 
     #[test]
     fn get_options() {
-        assert_eq!(parse_get(&[]).unwrap(), GetArgs { encoded: false, lease: None });
-        assert_eq!(parse_get(&[b"encoded"]).unwrap(), GetArgs { encoded: true, lease: None });
+        assert_eq!(parse_get(&[]).unwrap(), GetArgs { encoded: false, with_ttl: false, lease: None });
+        assert_eq!(parse_get(&[b"encoded"]).unwrap(), GetArgs { encoded: true, with_ttl: false, lease: None });
+        assert!(parse_get(&[b"WITHTTL", b"LEASE", b"10"]).unwrap().with_ttl);
+        assert_eq!(parse_get(&[b"WITHTTL"]), Err(ArgError::Syntax), "WITHTTL needs LEASE");
         assert_eq!(parse_get(&[b"ENCODED", b"ENCODED"]), Err(ArgError::Syntax));
         assert_eq!(parse_get(&[b"x"]), Err(ArgError::Syntax));
         let g = parse_get(&[b"LEASE", b"5000", b"wait", b"200", b"BETA", b"1.5"]).unwrap();

@@ -133,7 +133,9 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
         n if n > 2 => {
             let opts: Vec<&[u8]> = args[2..].iter().map(|&s| bytes(s)).collect();
             match parse_get(&opts) {
-                Ok(GetArgs { encoded, lease: Some(lease) }) => return get_lease(ctx, args[1], lease, encoded),
+                Ok(GetArgs { encoded, with_ttl, lease: Some(lease) }) => {
+                    return get_lease(ctx, args[1], lease, leases::Shape { encoded, with_ttl })
+                }
                 Ok(g) => g.encoded,
                 Err(e) => return reply::error(ctx, &e.to_string()),
             }
@@ -172,13 +174,14 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     }
 }
 
-/// TIERCACHE.GET key [ENCODED] LEASE ms [WAIT ms] [BETA number] -> [status, value, token(, encoding)]
+/// TIERCACHE.GET key [ENCODED] [WITHTTL] LEASE ms [WAIT ms] [BETA number]
+///   -> [status, value, token(, encoding)(, fresh_ttl_ms)]
 ///
 /// HIT (fresh; with BETA, a token when this caller is elected to refresh early), STALE (inside the stale
 /// window; a token for the one caller that refreshes), FILL (no usable value: the caller holds the lease),
 /// BUSY (someone else holds it and the caller cannot or did not ask to wait), or parked until the fill,
 /// a hand-off (FILL), a pass (PASS) or the WAIT deadline (BUSY).
-fn get_lease(ctx: Ctx, name: RStr, l: LeaseArgs, encoded: bool) -> c_int {
+fn get_lease(ctx: Ctx, name: RStr, l: LeaseArgs, encoded: leases::Shape) -> c_int {
     if tagindex::is_replica(ctx) {
         return reply::error(ctx, "ERR leases are granted by the master: send TIERCACHE.GET ... LEASE to the master");
     }
