@@ -327,12 +327,41 @@ fn jitter_unit() -> f64 {
     })
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    rmp_serde::to_vec_named(v).map_err(|e| e.to_string())
+/// How a value is stored: MessagePack (named fields, `rmp-serde`) for every `Serialize +
+/// DeserializeOwned` type, so Rust and Python read the same entries; [`Raw`] stores bytes as they are.
+pub trait CacheValue: Sized {
+    fn to_bytes(&self) -> Result<Vec<u8>, String>;
+    fn from_bytes(b: &[u8]) -> Result<Self, String>;
 }
 
-fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(b).map_err(|e| e.to_string())
+impl<T: Serialize + DeserializeOwned> CacheValue for T {
+    fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        rmp_serde::to_vec_named(self).map_err(|e| e.to_string())
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        rmp_serde::from_slice(b).map_err(|e| e.to_string())
+    }
+}
+
+/// Bytes stored verbatim (no MessagePack): for values that are already encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raw(pub Vec<u8>);
+
+impl CacheValue for Raw {
+    fn to_bytes(&self) -> Result<Vec<u8>, String> {
+        Ok(self.0.clone())
+    }
+    fn from_bytes(b: &[u8]) -> Result<Self, String> {
+        Ok(Raw(b.to_vec()))
+    }
+}
+
+fn encode<T: CacheValue>(v: &T) -> Result<Vec<u8>, String> {
+    v.to_bytes()
+}
+
+fn decode<T: CacheValue>(b: &[u8]) -> Result<T, String> {
+    T::from_bytes(b)
 }
 
 fn bulk(v: Option<&Value>) -> Option<Vec<u8>> {
@@ -377,7 +406,7 @@ impl TierCache {
     }
 
     /// Reads `key` from L1, then Redis (no lease, no load). `None` on a miss or when Redis fails.
-    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
+    pub async fn get<T: CacheValue>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
         self.inner.resume_coherence().await;
         if let Some(b) = self.inner.l1_get(key) {
             return decode(&b).map(Some).map_err(Error::Codec);
@@ -394,7 +423,7 @@ impl TierCache {
     }
 
     /// Stores `value` (Redis, then L1).
-    pub async fn set<T: Serialize>(&self, key: &str, value: &T, opts: &Opts) -> Result<(), Error<std::convert::Infallible>> {
+    pub async fn set<T: CacheValue>(&self, key: &str, value: &T, opts: &Opts) -> Result<(), Error<std::convert::Infallible>> {
         let full = self.redis_key(key);
         let raw = encode(value).map_err(Error::Codec)?;
         let ticket = self.inner.ticket(&full, opts);
@@ -440,7 +469,7 @@ impl TierCache {
     /// at once while this call refreshes the entry in the background, hence the `Send + 'static` bounds.
     pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: CacheValue + Send + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -468,7 +497,7 @@ impl TierCache {
 
     async fn load_through_redis<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: CacheValue + Send + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -530,7 +559,7 @@ impl TierCache {
 
     fn refresh_in_background<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F, token: Vec<u8>)
     where
-        T: Serialize + DeserializeOwned + Send + 'static,
+        T: CacheValue + Send + 'static,
         E: Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
@@ -553,7 +582,7 @@ impl TierCache {
         store: bool,
     ) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: CacheValue,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
@@ -572,7 +601,7 @@ impl TierCache {
         served_stale: bool,
     ) -> Result<T, Error<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: CacheValue,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {

@@ -71,3 +71,36 @@ async fn l1_deadline_follows_the_server_and_jitter_spreads_ttls() {
     assert!(ttls.iter().all(|&t| (50_000..=100_000).contains(&t)), "{ttls:?}");
     assert!(ttls.iter().max().unwrap() - ttls.iter().min().unwrap() > 5_000, "spread: {ttls:?}");
 }
+
+/// Values are MessagePack maps with field names (what Python's msgpack.unpackb reads as a dict);
+/// `Raw` stores bytes verbatim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messagepack_by_default_raw_bytes_verbatim() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct User {
+        id: u32,
+        name: String,
+    }
+    let server = common::Server::start();
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let c = TierCache::builder(&url).namespace("fmt").build().await.unwrap();
+    let user = User { id: 7, name: "Ada".into() };
+    c.set("u", &user, &Opts::default()).await.unwrap();
+    let mut conn = server.conn();
+    let stored = conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("u"))).expect("stored");
+    let v = rmpv::decode::read_value(&mut &stored[..]).unwrap();
+    let map = v.as_map().expect("a MessagePack map");
+    let names: Vec<&str> = map.iter().filter_map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["id", "name"]);
+    assert_eq!(c.get::<User>("u").await.unwrap(), Some(user));
+
+    let bytes = b"\x00\xffalready-encoded".to_vec();
+    c.set("r", &tiercache_client::Raw(bytes.clone()), &Opts::default()).await.unwrap();
+    assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r"))).unwrap(), bytes);
+    let loaded: tiercache_client::Raw =
+        c.get_or_load("r2", &Opts::default(), || async { Ok::<_, std::io::Error>(tiercache_client::Raw(b"xyz".to_vec())) })
+            .await
+            .unwrap();
+    assert_eq!(loaded.0, b"xyz");
+    assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r2"))).unwrap(), b"xyz");
+}
