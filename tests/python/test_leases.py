@@ -1304,3 +1304,41 @@ def test_no_leak_after_mixed_cycles(r, conns):
     # every parked read ends exactly one way: woken (HIT/FILL/PASS), timed out, or its client left
     assert parked == woken + timeouts + disconnected_parked, (parked, woken, timeouts, disconnected_parked)
     assert parked > 200
+
+
+def test_tiercache_del_fences_a_fill_of_a_missing_key(r):
+    """Plain DEL of a missing key does not fence a fill; TIERCACHE.DEL does (cache-aside delete)."""
+    holder = LeaseConn(r)
+    try:
+        status, _, token = lease_get(holder, b"plain")
+        assert status == b"FILL"
+        assert r.delete(b"plain") == 0
+        assert holder.call("TIERCACHE.SET", b"plain", b"old", "LEASE", token) in (b"OK", "OK")
+        status, _, token = lease_get(holder, b"k")
+        assert status == b"FILL"
+        assert r.execute_command("TIERCACHE.DEL", b"k") == 0
+        with pytest.raises(redis.ResponseError, match="^FENCED the key was written or deleted after the lease was granted$"):
+            reply = holder.call("TIERCACHE.SET", b"k", b"old", "LEASE", token)
+            if isinstance(reply, redis.ResponseError):
+                raise reply
+        assert r.exists(b"k") == 0
+        r.set(b"native", b"x")
+        tc_set(r, b"entry", b"v")
+        assert r.execute_command("TIERCACHE.DEL", b"entry", b"native", b"missing") == 2
+        assert r.exists(b"entry", b"native") == 0
+    finally:
+        holder.close()
+
+
+def test_withttl_appends_the_fresh_time_left(r):
+    tc_set(r, b"k", b"v", "PX", 5000)
+    reply = r.execute_command("TIERCACHE.GET", b"k", "WITHTTL", "LEASE", 1000)
+    assert reply[:3] == [b"HIT", b"v", None]
+    assert 4000 < reply[3] <= 5000
+    reply = r.execute_command("TIERCACHE.GET", b"k", "ENCODED", "WITHTTL", "LEASE", 1000)
+    assert reply[:4] == [b"HIT", b"v", None, b"raw"] and 4000 < reply[4] <= 5000
+    tc_set(r, b"forever", b"v")
+    assert r.execute_command("TIERCACHE.GET", b"forever", "WITHTTL", "LEASE", 1000)[3] == -1
+    assert r.execute_command("TIERCACHE.GET", b"missing", "WITHTTL", "LEASE", 1000)[3] is None
+    with raises_exact("ERR syntax error"):
+        r.execute_command("TIERCACHE.GET", b"k", "WITHTTL")
