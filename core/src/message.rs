@@ -10,11 +10,11 @@
 //! dataset changed wholesale without per-tag messages (FLUSHDB/FLUSHALL, or a replica's full resync, which
 //! may carry invalidations it never published): drop everything cached from this server.
 
-/// Encodes one invalidation message.
-pub fn invalidation(run_id: &[u8], seq: u64, db: u64, tags: &[&[u8]]) -> Vec<u8> {
+/// The fields every message starts with: a 5-entry map, then `v`, `run_id` and `seq`.
+/// (Writing into a Vec cannot fail, so the encoder's results are ignored here and below.)
+fn header(capacity: usize, run_id: &[u8], seq: u64) -> Vec<u8> {
     use rmp::encode::*;
-    let mut m = Vec::with_capacity(48 + run_id.len() + tags.iter().map(|t| t.len() + 5).sum::<usize>());
-    // Writing into a Vec cannot fail, so the results are ignored.
+    let mut m = Vec::with_capacity(48 + run_id.len() + capacity);
     let _ = write_map_len(&mut m, 5);
     let _ = write_str(&mut m, "v");
     let _ = write_uint(&mut m, 1);
@@ -22,6 +22,13 @@ pub fn invalidation(run_id: &[u8], seq: u64, db: u64, tags: &[&[u8]]) -> Vec<u8>
     let _ = write_str(&mut m, &String::from_utf8_lossy(run_id));
     let _ = write_str(&mut m, "seq");
     let _ = write_uint(&mut m, seq);
+    m
+}
+
+/// Encodes one invalidation message.
+pub fn invalidation(run_id: &[u8], seq: u64, db: u64, tags: &[&[u8]]) -> Vec<u8> {
+    use rmp::encode::*;
+    let mut m = header(tags.iter().map(|t| t.len() + 5).sum::<usize>(), run_id, seq);
     let _ = write_str(&mut m, "db");
     let _ = write_uint(&mut m, db);
     let _ = write_str(&mut m, "tags");
@@ -35,14 +42,7 @@ pub fn invalidation(run_id: &[u8], seq: u64, db: u64, tags: &[&[u8]]) -> Vec<u8>
 /// Encodes a reset message (see the module docs).
 pub fn reset(run_id: &[u8], seq: u64) -> Vec<u8> {
     use rmp::encode::*;
-    let mut m = Vec::with_capacity(48 + run_id.len());
-    let _ = write_map_len(&mut m, 5);
-    let _ = write_str(&mut m, "v");
-    let _ = write_uint(&mut m, 1);
-    let _ = write_str(&mut m, "run_id");
-    let _ = write_str(&mut m, &String::from_utf8_lossy(run_id));
-    let _ = write_str(&mut m, "seq");
-    let _ = write_uint(&mut m, seq);
+    let mut m = header(0, run_id, seq);
     let _ = write_str(&mut m, "reset");
     let _ = write_bool(&mut m, true);
     let _ = write_str(&mut m, "tags");
