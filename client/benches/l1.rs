@@ -246,47 +246,9 @@ const TRACE: usize = 1_000_000;
 /// Requests per timed iteration of the replay.
 const CHUNK: usize = 10_000;
 
-/// xorshift64*, seeded.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf over ranks 0..n (rank 0 the most popular), by inverse CDF and binary search.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: u64, s: f64) -> Zipf {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += (k as f64).powf(-s);
-                acc
-            })
-            .collect();
-        cdf.iter_mut().for_each(|c| *c /= acc);
-        Zipf { cdf }
-    }
-    fn sample(&self, rng: &mut XorShift) -> u64 {
-        let u = rng.unit();
-        self.cdf.partition_point(|c| *c <= u).min(self.cdf.len() - 1) as u64
-    }
-    fn pmf(&self, rank: usize) -> f64 {
-        self.cdf[rank] - if rank == 0 { 0.0 } else { self.cdf[rank - 1] }
-    }
-}
+#[path = "support/zipf.rs"]
+mod zipf;
+use zipf::{XorShift, Zipf};
 
 /// splitmix64's finalizer: spreads ranks over the key space and gives each key its size.
 fn mix(mut x: u64) -> u64 {

@@ -158,44 +158,9 @@ async fn user_orders(cache: &TierCache, db: &Db, user_id: u64) -> Result<UserOrd
         .await
 }
 
-/// xorshift64*: a small seeded generator, so every run reads the same sequence.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// Zipf (s = 1) over user ids 1..=n: user 1 is the most read, user n the least.
-struct Zipf {
-    cdf: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: u64) -> Zipf {
-        let mut acc = 0.0;
-        let mut cdf: Vec<f64> = (1..=n)
-            .map(|k| {
-                acc += 1.0 / k as f64;
-                acc
-            })
-            .collect();
-        cdf.iter_mut().for_each(|c| *c /= acc);
-        Zipf { cdf }
-    }
-    fn sample(&self, rng: &mut XorShift) -> u64 {
-        let u = rng.unit();
-        (self.cdf.partition_point(|c| *c <= u).min(self.cdf.len() - 1) + 1) as u64
-    }
-}
+#[path = "../benches/support/zipf.rs"]
+mod zipf;
+use zipf::{XorShift, Zipf};
 
 fn print_lines(v: &UserOrders) {
     for o in &v.orders {
@@ -260,11 +225,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("SQLite: {USERS} users, {orders} orders; Redis: {url}");
 
     // 1. A skewed read loop spread over both servers.
-    let zipf = Zipf::new(USERS);
+    let zipf = Zipf::new(USERS, 1.0);
     let mut rng = XorShift(42);
     let started = Instant::now();
     for _ in 0..READS {
-        let user = zipf.sample(&mut rng);
+        let user = zipf.sample(&mut rng) + 1; // user ids start at 1
         let server = &servers[(rng.next() % 2) as usize];
         let v = user_orders(server, &db, user).await?;
         assert_eq!(v.user_id, user);
