@@ -442,9 +442,12 @@ impl TierCache {
     pub async fn set<T: CacheValue>(&self, key: &str, value: &T, opts: &Opts) -> Result<(), Error<std::convert::Infallible>> {
         let full = self.redis_key(key);
         let raw = encode(value).map_err(Error::Codec)?;
-        let ticket = self.inner.ticket(&full, opts);
         let cmd = self.inner.set_cmd(&full, &raw, opts, None);
         self.inner.call::<()>(&cmd).await.map_err(Error::Redis)?;
+        // A read that reached Redis before this write may be about to put the old value in L1 (and
+        // NOLOOP means no push for our own write): void it, then store the new value.
+        self.inner.drop_key(&full);
+        let ticket = self.inner.ticket(&full, opts);
         self.inner.l1_put(&full, raw.into(), opts, ticket);
         Ok(())
     }
@@ -455,11 +458,18 @@ impl TierCache {
     pub async fn delete(&self, key: &str) -> Result<(), Error<std::convert::Infallible>> {
         let full = self.redis_key(key);
         self.inner.drop_key(&full);
-        self.inner.call::<i64>(redis::cmd("TIERCACHE.DEL").arg(&full)).await.map_err(Error::Redis)?;
+        let r = self.inner.call::<i64>(redis::cmd("TIERCACHE.DEL").arg(&full)).await;
+        // Again after the reply: a read that began between the first drop and the delete reached Redis
+        // before it and may have put the old value back (NOLOOP: no push will come for our own write).
+        self.inner.drop_key(&full);
+        r.map_err(Error::Redis)?;
         Ok(())
     }
 
-    /// Invalidates tags on the server (every process hears of it) and drops them here at once.
+    /// Invalidates tags on the server (every process hears of it) and drops them here, before the
+    /// command and again after its reply, so that a read racing the command cannot leave the old value
+    /// in this process's L1 (read-your-writes within a process; other processes follow within the
+    /// message's delivery time, about a millisecond).
     pub async fn invalidate_tags(&self, tags: &[&str]) -> Result<u64, Error<std::convert::Infallible>> {
         for t in tags {
             self.inner.drop_tag(t.as_bytes());
@@ -468,7 +478,11 @@ impl TierCache {
         for t in tags {
             cmd.arg(*t);
         }
-        self.inner.call::<u64>(&cmd).await.map_err(Error::Redis)
+        let r = self.inner.call::<u64>(&cmd).await;
+        for t in tags {
+            self.inner.drop_tag(t.as_bytes());
+        }
+        r.map_err(Error::Redis)
     }
 
     /// Drops every entry of this namespace and schema version (O(1) on the server: the namespace tag).

@@ -52,6 +52,9 @@ async fn l1_deadline_follows_the_server_and_jitter_spreads_ttls() {
     let writer = TierCache::builder(&url).namespace("t").build().await.unwrap();
     let reader = TierCache::builder(&url).namespace("t").build().await.unwrap();
     writer.set("short", &"v1".to_string(), &Opts::default().ttl(Duration::from_millis(300))).await.unwrap();
+    // Let the writer's tracking push reach the reader first (a push arriving during the reader's first
+    // read would rightly keep that read out of L1).
+    tokio::time::sleep(Duration::from_millis(30)).await;
     let long = Opts::default().ttl(Duration::from_secs(60));
     let fail = || async { Err::<String, std::io::Error>(std::io::Error::other("no database")) };
     assert_eq!(reader.get_or_load("short", &long, fail).await.unwrap(), "v1", "an L2 hit");
