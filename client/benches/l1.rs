@@ -2,14 +2,18 @@
 //!
 //! - `l1_hit/*`: the cost of an L1 hit through `TierCache::get_or_load` on a hot key, next to a raw
 //!   `quick_cache::sync::Cache::get` of the same value (and of the same encoded bytes plus the
-//!   MessagePack decode `get_or_load` does), in the same run. Needs a redis-server with the module:
-//!   the bench starts its own on a free port, with `TIERCACHE_MODULE` or the `libtiercache.so` of
-//!   target/debug or target/release (`cargo build` first), and is skipped with a message when
-//!   redis-server (`REDIS_SERVER`, else PATH) or the module is missing. After the timings it prints
-//!   the hit-cost ratio from a timing loop of its own (criterion does not hand its estimates back).
-//! - `zipf/*`: replaying a seeded Zipf trace (s = 1.0 over 100,000 keys of 64 to 2,000 bytes, cache
-//!   = 1 % of all the keys' bytes) through quick_cache and through a plain byte-weighted LRU. The hit
-//!   ratios are printed once (println!); criterion times the replay.
+//!   MessagePack decode `get_or_load` does, and of the same bytes from a `RwLock<HashMap<String,
+//!   Arc<[u8]>>>` as a process-wide map would hold them), in the same run. Needs a redis-server with
+//!   the module: the bench starts its own on a free port, with `TIERCACHE_MODULE` or the
+//!   `libtiercache.so` of target/debug or target/release (`cargo build` first), and is skipped with a
+//!   message when redis-server (`REDIS_SERVER`, else PATH) or the module is missing. After the
+//!   timings it prints
+//!   the hit-cost ratios from a timing loop of its own (criterion does not hand its estimates back).
+//! - `zipf/*`: replaying seeded Zipf traces (s = 0.8 and 1.0 over 100,000 keys of 64 to 2,000 bytes,
+//!   cache = 1 % of all the keys' bytes), each also with scan traffic (half of the requests one-off
+//!   keys, interleaved), through quick_cache, a plain byte-weighted LRU and the best static choice.
+//!   The hit ratios (of the Zipf requests and overall) are printed once (println!); criterion times
+//!   the replay of s = 1.0 without scan.
 //!
 //! `cargo bench -p tiercache-client --bench l1` (add `-- --quick` for a shorter run).
 
@@ -20,7 +24,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -165,6 +169,8 @@ where
     let encoded: Arc<[u8]> = rmp_serde::to_vec_named(&value).unwrap().into();
     let raw_bytes: quick_cache::sync::Cache<String, Arc<[u8]>> = quick_cache::sync::Cache::new(1024);
     raw_bytes.insert(full.clone(), encoded.clone());
+    // The same bytes in a process-wide std HashMap behind an RwLock (a read lock per get).
+    let map: RwLock<HashMap<String, Arc<[u8]>>> = RwLock::new(HashMap::from([(full.clone(), encoded.clone())]));
 
     let tiercache_loop = |n: u64| {
         rt.block_on(async {
@@ -183,6 +189,20 @@ where
         }
         t.elapsed()
     };
+    let raw_bytes_loop = |n: u64| {
+        let t = Instant::now();
+        for _ in 0..n {
+            black_box(raw_bytes.get(black_box(full.as_str())).unwrap());
+        }
+        t.elapsed()
+    };
+    let map_loop = |n: u64| {
+        let t = Instant::now();
+        for _ in 0..n {
+            black_box(map.read().unwrap().get(black_box(full.as_str())).cloned().unwrap());
+        }
+        t.elapsed()
+    };
     let raw_decode_loop = |n: u64| {
         let t = Instant::now();
         for _ in 0..n {
@@ -198,6 +218,8 @@ where
     g.bench_function("tiercache_get_or_load", |b| b.iter_custom(tiercache_loop));
     g.bench_function("quick_cache_get", |b| b.iter_custom(raw_loop));
     g.bench_function("quick_cache_get_bytes_and_decode", |b| b.iter_custom(raw_decode_loop));
+    g.bench_function("quick_cache_get_bytes", |b| b.iter_custom(raw_bytes_loop));
+    g.bench_function("rwlock_hashmap_get_bytes", |b| b.iter_custom(map_loop));
     g.finish();
     let after = cache.metrics();
     assert_eq!(after.l1_misses, before.l1_misses, "every timed read was an L1 hit");
@@ -212,6 +234,16 @@ where
         encoded.len(),
         t / r,
         t / d,
+    );
+    let rb = best_ns(5, n, raw_bytes_loop);
+    let m = best_ns(5, n, map_loop);
+    println!(
+        "l1_hit/{name} ({} bytes encoded), best of 5 x {n}: quick_cache get of the bytes {rb:.0} ns, \
+         RwLock<HashMap<String, Arc<[u8]>>> read + get of the bytes {m:.0} ns => {:.2}x (map / quick_cache); \
+         get_or_load {t:.0} ns => {:.2}x of the map get",
+        encoded.len(),
+        m / rb,
+        t / m,
     );
 }
 
@@ -240,7 +272,11 @@ fn l1_hit(c: &mut Criterion) {
 // ---------------------------------------------------------------------------------------------
 
 const KEYS: u64 = 100_000;
-const ZIPF_S: f64 = 1.0;
+/// The skews replayed; the replay is timed on the last, without scan traffic.
+const ZIPF_S: [f64; 2] = [0.8, 1.0];
+/// Shares of the requests that are a scan (one-off keys never seen again), interleaved at random.
+const SCAN: [f64; 2] = [0.0, 0.5];
+/// Zipf requests of the warm-up (not counted) and of the counted part (scan requests come on top).
 const WARMUP: usize = 200_000;
 const TRACE: usize = 1_000_000;
 /// Requests per timed iteration of the replay.
@@ -267,25 +303,41 @@ fn size_of(key: u64) -> u32 {
 }
 
 struct Trace {
-    /// (key, size) per request; the first `WARMUP` are not counted.
-    reqs: Vec<(u64, u32)>,
+    /// (key, size, is a scan request) per request; the first `warmup` are not counted.
+    reqs: Vec<(u64, u32, bool)>,
+    warmup: usize,
     capacity: u64,
-    /// Hit ratio of the best static choice: the most popular keys (by rank) that fit the capacity.
+    /// The best static choice: the most popular keys (by rank) that fit the capacity.
+    static_keys: Vec<u64>,
+    /// Its expected hit ratio on the Zipf requests.
     static_top: f64,
 }
 
-fn trace() -> Trace {
-    let zipf = Zipf::new(KEYS, ZIPF_S);
+/// `WARMUP + TRACE` Zipf(s) requests, with scan requests interleaved at random so that they are
+/// `scan` of all requests. The Zipf requests (and the sizes) do not depend on `scan`.
+fn trace(s: f64, scan: f64) -> Trace {
+    let zipf = Zipf::new(KEYS, s);
     let mut rng = XorShift(0x00c0_ffee_1234_5678);
-    let reqs = (0..WARMUP + TRACE)
-        .map(|_| {
-            let k = key_of(zipf.sample(&mut rng));
-            (k, size_of(k))
-        })
-        .collect();
+    let mut coin = XorShift(0x5ca7_7e12_dead_beef);
+    // Scan keys: ranks past the key space, each used once (key_of is a bijection).
+    let mut next_scan = KEYS;
+    let (mut reqs, mut zipf_seen, mut warmup) = (Vec::new(), 0, 0);
+    while zipf_seen < WARMUP + TRACE {
+        let k = if coin.unit() < scan {
+            next_scan += 1;
+            (key_of(next_scan - 1), true)
+        } else {
+            if zipf_seen == WARMUP {
+                warmup = reqs.len();
+            }
+            zipf_seen += 1;
+            (key_of(zipf.sample(&mut rng)), false)
+        };
+        reqs.push((k.0, size_of(k.0), k.1));
+    }
     let total: u64 = (0..KEYS).map(|r| u64::from(size_of(key_of(r)))).sum();
     let capacity = total / 100;
-    let (mut used, mut static_top) = (0u64, 0.0);
+    let (mut used, mut static_top, mut static_keys) = (0u64, 0.0, Vec::new());
     for r in 0..KEYS {
         let s = u64::from(size_of(key_of(r)));
         if used + s > capacity {
@@ -293,8 +345,9 @@ fn trace() -> Trace {
         }
         used += s;
         static_top += zipf.pmf(r as usize);
+        static_keys.push(key_of(r));
     }
-    Trace { reqs, capacity, static_top }
+    Trace { reqs, warmup, capacity, static_keys, static_top }
 }
 
 trait Sim {
@@ -426,6 +479,15 @@ impl Sim for Lru {
     }
 }
 
+/// The best static choice: a fixed set of the most popular keys, never changed.
+struct Static(std::collections::HashSet<u64>);
+
+impl Sim for Static {
+    fn access(&mut self, key: u64, _size: u32) -> bool {
+        self.0.contains(&key)
+    }
+}
+
 fn caches(capacity: u64) -> Vec<(&'static str, Box<dyn Sim>)> {
     // About 1,000 values of ~1 KB fit; quick_cache sizes its tables and shards from this estimate.
     let items = (capacity / 1032) as usize;
@@ -442,39 +504,75 @@ fn caches(capacity: u64) -> Vec<(&'static str, Box<dyn Sim>)> {
     ]
 }
 
-fn zipf(c: &mut Criterion) {
-    let t = trace();
-    let (warm, counted) = t.reqs.split_at(WARMUP);
+/// Hit ratios of one trace, printed one line per cache (and one for the static choice).
+fn hit_ratios(t: &Trace, s: f64, scan: f64) {
+    let (warm, counted) = t.reqs.split_at(t.warmup);
+    let zipf_reqs = counted.iter().filter(|r| !r.2).count();
     println!(
-        "zipf: s = {ZIPF_S}, {KEYS} keys of 64..2000 bytes, cache {} bytes (1 % of all keys' bytes); \
-         {WARMUP} warm-up then {TRACE} counted requests; best static choice (top keys by popularity) {:.2} %",
+        "zipf: s = {s}, scan {:.0} %, {KEYS} keys of 64..2000 bytes, cache {} bytes (1 % of all keys' bytes); \
+         {} warm-up then {} counted requests ({zipf_reqs} Zipf); best static choice (top keys by popularity) \
+         {:.2} % expected",
+        100.0 * scan,
         t.capacity,
+        warm.len(),
+        counted.len(),
         100.0 * t.static_top
     );
-    for (name, mut cache) in caches(t.capacity) {
-        for &(k, s) in warm {
+    let mut all = caches(t.capacity);
+    all.push(("static_top", Box::new(Static(t.static_keys.iter().copied().collect()))));
+    for (name, mut cache) in all {
+        for &(k, s, _) in warm {
             cache.access(k, s);
         }
-        let (mut hits, mut hit_bytes, mut bytes) = (0u64, 0u64, 0u64);
-        for &(k, s) in counted {
-            bytes += u64::from(s);
-            if cache.access(k, s) {
-                hits += 1;
-                hit_bytes += u64::from(s);
+        // [Zipf requests, all requests]: (hits, hit bytes, bytes)
+        let mut n = [(0u64, 0u64, 0u64); 2];
+        for &(k, s, is_scan) in counted {
+            let hit = cache.access(k, s);
+            for (i, acc) in n.iter_mut().enumerate() {
+                if i == 1 || !is_scan {
+                    acc.0 += u64::from(hit);
+                    acc.1 += if hit { u64::from(s) } else { 0 };
+                    acc.2 += u64::from(s);
+                }
             }
         }
-        println!(
-            "zipf: {name:<18} hit ratio {:.2} % of requests, {:.2} % of bytes",
-            100.0 * hits as f64 / counted.len() as f64,
-            100.0 * hit_bytes as f64 / bytes as f64
-        );
+        let [z, o] = n;
+        let pct = |a: u64, b: u64| 100.0 * a as f64 / b as f64;
+        if scan == 0.0 {
+            println!(
+                "zipf: s = {s}, no scan: {name:<18} hit ratio {:.2} % of requests, {:.2} % of bytes",
+                pct(o.0, counted.len() as u64),
+                pct(o.1, o.2)
+            );
+        } else {
+            println!(
+                "zipf: s = {s}, scan {:.0} %: {name:<18} hit ratio of the Zipf requests {:.2} % of requests, \
+                 {:.2} % of bytes; overall {:.2} % of requests, {:.2} % of bytes",
+                100.0 * scan,
+                pct(z.0, zipf_reqs as u64),
+                pct(z.1, z.2),
+                pct(o.0, counted.len() as u64),
+                pct(o.1, o.2)
+            );
+        }
     }
+}
+
+fn zipf(c: &mut Criterion) {
+    for s in ZIPF_S {
+        for scan in SCAN {
+            hit_ratios(&trace(s, scan), s, scan);
+        }
+    }
+    let t = trace(ZIPF_S[ZIPF_S.len() - 1], 0.0);
+    let counted: Vec<(u64, u32)> = t.reqs[t.warmup..].iter().map(|&(k, s, _)| (k, s)).collect();
+    let warm = &t.reqs[..t.warmup];
 
     // Timing: each iteration replays the next CHUNK requests on a warmed cache.
     let mut g = c.benchmark_group("zipf");
     g.throughput(Throughput::Elements(CHUNK as u64));
     for (name, mut cache) in caches(t.capacity) {
-        for &(k, s) in warm {
+        for &(k, s, _) in warm {
             cache.access(k, s);
         }
         let mut at = 0;
