@@ -384,18 +384,8 @@ def assert_tag_index_exact(r: redis.Redis, also_tags=(), timeout: float = 15.0) 
 LEASE_STATUSES = (b"HIT", b"STALE", b"FILL", b"BUSY", b"PASS")
 # The lease counters of TIERCACHE.STATS / INFO tiercache (gauges first).
 LEASE_GAUGES = ["leases", "lease_waiters"]
-LEASE_COUNTERS = [
-    "stale_served",
-    "leases_granted",
-    "waiters_parked",
-    "waiters_woken",
-    "wait_timeouts",
-    "handoffs",
-    "lease_timeouts",
-    "passes",
-    "fenced",
-    "early_refreshes",
-]
+# The lease part of STATS_FIELDS (from stale_served on), without the gauges.
+LEASE_COUNTERS = [f for f in STATS_FIELDS[STATS_FIELDS.index("stale_served"):] if f not in LEASE_GAUGES]
 FENCED_NOT_HELD = "FENCED the lease is not held by this token (expired, released or re-granted)"
 FENCED_KEY = "FENCED the key was written or deleted after the lease was granted"
 FENCED_TAG = "FENCED a tag of this entry was invalidated after the lease was granted"
