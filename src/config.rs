@@ -1,5 +1,6 @@
 //! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`,
-//! `tiercache.reclaim-budget` and the string `tiercache.invalidation-channel`.
+//! `tiercache.reclaim-budget`, `tiercache.max-lease-ms`, `tiercache.max-wait-ms` and the string
+//! `tiercache.invalidation-channel`.
 //!
 //! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
 //! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
@@ -43,7 +44,13 @@ pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, 1024);
 /// Invalidated entries deleted per reclaim tick (a tick also stops after about 1 ms).
 pub static RECLAIM_BUDGET: Numeric = Numeric::new(c"reclaim-budget", 1000, 1, 1_000_000);
 
-static ALL: [&Numeric; 3] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET];
+/// Longest lease a `TIERCACHE.GET ... LEASE ms` may ask for. The command is read-only, so without a
+/// cap a read-only user could hold keys (and the module memory of a lease) for as long as it liked.
+pub static MAX_LEASE_MS: Numeric = Numeric::new(c"max-lease-ms", 60_000, 1, 86_400_000);
+/// Longest `WAIT ms` of a lease read (how long a parked reader may stay parked).
+pub static MAX_WAIT_MS: Numeric = Numeric::new(c"max-wait-ms", 60_000, 1, 86_400_000);
+
+static ALL: [&Numeric; 5] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET, &MAX_LEASE_MS, &MAX_WAIT_MS];
 
 /// Name of the string config holding the invalidation channel.
 const CHANNEL: &CStr = c"invalidation-channel";
@@ -86,16 +93,20 @@ unsafe extern "C" fn set_channel(_name: *const c_char, val: RStr, _privdata: *mu
 }
 
 unsafe extern "C" fn get_numeric(_name: *const c_char, privdata: *mut c_void) -> c_longlong {
-    // SAFETY: privdata is the &'static Numeric given at registration.
-    let cfg = unsafe { &*privdata.cast::<Numeric>() };
-    cfg.get()
+    guard(0, || {
+        // SAFETY: privdata is the &'static Numeric given at registration.
+        let cfg = unsafe { &*privdata.cast::<Numeric>() };
+        cfg.get()
+    })
 }
 
 unsafe extern "C" fn set_numeric(_name: *const c_char, val: c_longlong, privdata: *mut c_void, _err: *mut RStr) -> c_int {
-    // SAFETY: privdata is the &'static Numeric given at registration; Redis checked the bounds.
-    let cfg = unsafe { &*privdata.cast::<Numeric>() };
-    cfg.value.store(val, Relaxed);
-    OK
+    guard(ERR, || {
+        // SAFETY: privdata is the &'static Numeric given at registration; Redis checked the bounds.
+        let cfg = unsafe { &*privdata.cast::<Numeric>() };
+        cfg.value.store(val, Relaxed);
+        OK
+    })
 }
 
 fn strip(name: &[u8]) -> &[u8] {

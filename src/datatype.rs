@@ -188,7 +188,7 @@ unsafe extern "C" fn free(value: *mut c_void) {
 
 /// One allocation pair per entry: always cheap enough to free on the main thread.
 unsafe extern "C" fn free_effort(_key: RStr, _value: *const c_void) -> usize {
-    1
+    guard(1, || 1)
 }
 
 /// The key leaves the keyspace (DEL, UNLINK, overwrite, RENAME/MOVE source, expiry, eviction): drop it

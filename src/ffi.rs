@@ -52,6 +52,51 @@ pub fn guard<T>(fallback: T, body: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(fallback)
 }
 
+/// A detached context of this module, for log lines written outside any call (so they carry the
+/// module's name). Made once at load and never freed (a module with a data type cannot be unloaded).
+static LOG_CTX: std::sync::atomic::AtomicPtr<raw::RedisModuleCtx> = std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
+
+/// Sends every panic of the module to the Redis log (where operators look) with its place and
+/// message; the guards above then keep it from unwinding into Redis. Installed once at load.
+pub fn install_panic_hook(ctx: Ctx) {
+    // SAFETY: OnLoad context.
+    let detached = unsafe { api!(RedisModule_GetDetachedThreadSafeContext)(ctx) };
+    LOG_CTX.store(detached, std::sync::atomic::Ordering::Release);
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info.location().map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        let ctx = LOG_CTX.load(std::sync::atomic::Ordering::Acquire);
+        log(ctx, "warning", &format!("tiercache: panic{at}: {msg} (caught; the operation was not applied)"));
+    }));
+}
+
+/// The value of a server config (`CONFIG GET name`), for rare, non-hot paths only.
+pub fn server_config(ctx: Ctx, name: &std::ffi::CStr) -> Option<Vec<u8>> {
+    // SAFETY: live command context; the format "cc" takes two C strings; the reply is freed below and
+    // the bytes are copied out before that.
+    unsafe {
+        let r = api!(RedisModule_Call)(ctx, c"CONFIG".as_ptr(), c"cc".as_ptr(), c"GET".as_ptr(), name.as_ptr());
+        if r.is_null() {
+            return None;
+        }
+        let value = api!(RedisModule_CallReplyArrayElement)(r, 1);
+        let out = if value.is_null() {
+            None
+        } else {
+            let mut len = 0usize;
+            let ptr = api!(RedisModule_CallReplyStringPtr)(value, &mut len);
+            (!ptr.is_null()).then(|| std::slice::from_raw_parts(ptr.cast::<u8>(), len).to_vec())
+        };
+        api!(RedisModule_FreeCallReply)(r);
+        out
+    }
+}
+
 /// Borrows the bytes of a Redis string.
 #[inline]
 pub fn bytes<'a>(s: RStr) -> &'a [u8] {

@@ -18,6 +18,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let ctx = ctx.ctx;
     let args: Vec<ffi::RStr> = args.iter().map(|a| a.inner).collect();
     let ok = ffi::guard(false, || {
+        ffi::install_panic_hook(ctx);
         // SAFETY: OnLoad context; HANDLE_IO_ERRORS makes truncated RDB payloads an error we check
         // (needed for diskless replica loading).
         unsafe {

@@ -78,9 +78,9 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 27] {
+pub fn fields() -> [(&'static str, Value<'static>); 28] {
     let index = crate::tagindex::index_stats();
-    let (leases, waiting) = crate::leases::stats();
+    let (leases, waiting, timers) = crate::leases::stats();
     [
         ("entries", Value::Int(ENTRIES.load(Relaxed))),
         ("compressed_entries", Value::Int(COMPRESSED.load(Relaxed))),
@@ -100,6 +100,7 @@ pub fn fields() -> [(&'static str, Value<'static>); 27] {
         ("stale_served", Value::Int(STALE_SERVED.get() as i64)),
         ("leases", Value::Int(leases as i64)),
         ("lease_waiters", Value::Int(waiting as i64)),
+        ("lease_timers", Value::Int(timers as i64)),
         ("leases_granted", Value::Int(LEASES_GRANTED.get() as i64)),
         ("waiters_parked", Value::Int(WAITERS_PARKED.get() as i64)),
         ("waiters_woken", Value::Int(WAITERS_WOKEN.get() as i64)),

@@ -1084,3 +1084,26 @@ fn resp3_tracking_invalidates_after_set() {
     t.run(&cmd!("PING"));
     assert_eq!(invalidations(&rx), vec![vec![b"k".to_vec()]]);
 }
+
+/// A panic inside the module is caught at the command's FFI entry, written to the Redis log with its
+/// place and message, and answered with an error; Redis keeps serving. `TIERCACHE.DEBUG PANIC` raises
+/// one on purpose, only where DEBUG is allowed.
+#[test]
+fn a_caught_panic_is_logged_and_answered() {
+    let s = Server::start();
+    let mut c = s.conn();
+    c.set("k", "v", &[]);
+    c.expect_err(&cmd!("TIERCACHE.DEBUG", "PANIC"), "ERR tiercache internal error; the command was not applied");
+    let log = s.log();
+    assert!(
+        log.contains("<tiercache> tiercache: panic at src/commands/debug.rs") && log.contains("TIERCACHE.DEBUG PANIC was called"),
+        "the panic is not in the Redis log:\n{log}"
+    );
+    assert_eq!(c.get("k").as_deref(), Some(&b"v"[..]), "the server keeps serving");
+    c.expect_err(&cmd!("TIERCACHE.DEBUG", "NOPE"), "ERR unknown subcommand for TIERCACHE.DEBUG (PANIC is the only one)");
+
+    let s = Server::builder().args(&["--enable-debug-command", "no"]).start();
+    let mut c = s.conn();
+    c.expect_err(&cmd!("TIERCACHE.DEBUG", "PANIC"), "ERR TIERCACHE.DEBUG is not allowed: set enable-debug-command to yes or local");
+    assert!(!s.log().contains("panic at"), "no panic where DEBUG is not allowed");
+}

@@ -20,7 +20,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-proto_tests!(errors, reply_shapes, encoded_with_lease);
+proto_tests!(
+    errors,
+    reply_shapes,
+    encoded_with_lease,
+    wake_in_the_deadline_iteration_still_replies,
+    lease_and_wait_caps,
+    client_unblock_of_a_parked_read
+);
 
 const NOT_HELD: &str = "FENCED the lease is not held by this token (expired, released or re-granted)";
 const KEY_CHANGED: &str = "FENCED the key was written or deleted after the lease was granted";
@@ -173,6 +180,7 @@ fn assert_settled(c: &mut Conn) {
     let st = c.stats();
     assert_eq!(st.get("leases"), 0, "leases gauge: {st:?}");
     assert_eq!(st.get("lease_waiters"), 0, "lease_waiters gauge: {st:?}");
+    assert_eq!(st.get("lease_timers"), 0, "lease_timers gauge (a timer outlived its lease or parked read): {st:?}");
     assert_eq!(blocked_clients(c), 0, "INFO blocked_clients");
 }
 
@@ -1377,4 +1385,248 @@ fn tiercache_del_fences_fills_of_missing_keys() {
     assert!(!r.exists("a") && !r.exists("native"), "replicated as DEL");
     assert!(r.exists("plain"), "the unfenced fill after a plain DEL was stored (and replicated)");
     assert_eq!(c.err(&cmd!("TIERCACHE.DEL")), "ERR wrong number of arguments for 'tiercache.del' command");
+}
+
+// =============================================================================================
+// Hardening (issue 9): every parked read gets exactly one reply; a dying holder's own read never
+// inherits its lease; timers end with what they guard; caps; unpredictable tokens.
+
+/// A Lua busy loop of `ms` milliseconds: the event loop stands still, so WAIT deadlines pass while the
+/// commands pipelined behind it wait.
+fn busy_lua(ms: u64) -> redis::Cmd {
+    cmd!(
+        "EVAL",
+        "local t = redis.call('TIME'); local s = t[1] * 1000000 + t[2]; \
+         repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - s >= tonumber(ARGV[1]) * 1000; return 1",
+        0,
+        ms
+    )
+}
+
+/// Redis 7.0 runs block timeouts before it replies to clients a module unblocked in the same event-loop
+/// iteration, and drops that reply. The holder pipelines a 300 ms busy loop and then its fill (or
+/// RELEASE, or PASS) against a reader whose WAIT deadline (100 ms) passes during the loop: the reader
+/// must still get exactly one reply, and nothing may stay held, parked or armed.
+fn wake_in_the_deadline_iteration_still_replies(p: Proto) {
+    let s = Server::start();
+    let mut c = s.conn();
+    for how in ["fill", "release", "pass"] {
+        let key = format!("race:{how}");
+        let mut holder = s.conn_proto(p);
+        let tok = take_lease(&mut holder, &key, 10_000);
+        let mut reader = Raw::open(&s, p);
+        reader.send(&lget(&key, 10_000, Some(100)));
+        wait_stat(&mut c, "lease_waiters", 1, secs(5));
+        // One write, so that Redis reads and runs both commands in one event-loop iteration.
+        let end = match how {
+            "fill" => lset(&key, "v", &tok, &[]),
+            "release" => cmd!("TIERCACHE.RELEASE", &key, &tok),
+            _ => cmd!("TIERCACHE.RELEASE", &key, &tok, "PASS"),
+        };
+        let replies = holder.pipeline(&[busy_lua(300), end]);
+        assert_eq!(replies.len(), 2, "{how}: {replies:?}");
+        let r = reader.lease(secs(10), false);
+        match how {
+            "fill" => r.hit("v"),
+            "release" => {
+                // The hand-off reached a live reader: it holds the lease now and can fill.
+                let t2 = r.fill();
+                assert!(is_ok(&reader.call(&lset(&key, "v2", &t2, &[]))), "the new holder fills");
+            }
+            _ => r.pass(),
+        }
+        assert!(!reader.has_reply(ms(50)), "{how}: a second reply to one read");
+        drop(holder);
+        drop(reader);
+    }
+    wait_until(secs(5), || c.stats().get("lease_timers") == 0);
+    assert_settled(&mut c);
+    let st = c.stats();
+    assert_eq!(st.get("waiters_parked"), 3, "{st:?}");
+    assert_eq!(st.get("waiters_woken") + st.get("wait_timeouts"), 3, "each parked read answered once: {st:?}");
+}
+
+/// Thousands of fills landing around the WAIT deadline (WAIT 2 ms, fill ~2 ms later): every read
+/// gets exactly one reply, and the gauges return to zero.
+#[test]
+fn thousands_of_fills_racing_wait_deadlines_lose_no_reply() {
+    let s = Server::start();
+    let mut c = s.conn();
+    let rounds = 1500;
+    let mut holder = s.conn();
+    let mut reader = Raw::open(&s, Proto::Resp2);
+    let (mut hits, mut busy) = (0, 0);
+    for i in 0..rounds {
+        let key = format!("r{i}");
+        let tok = take_lease(&mut holder, &key, 10_000);
+        reader.send(&lget(&key, 10_000, Some(2)));
+        // Spread the fills over both sides of the deadline.
+        if i % 3 != 0 {
+            sleep(Duration::from_micros(1500 + (i % 7) * 150));
+        }
+        let v = holder.run(&lset(&key, "v", &tok, &[]));
+        assert!(is_ok(&v), "fill {i}: {v:?}");
+        let r = reader.lease(secs(5), false);
+        match r.status.as_str() {
+            "HIT" => hits += 1,
+            "BUSY" => busy += 1,
+            other => panic!("round {i}: unexpected {other}: {r:?}"),
+        }
+    }
+    assert!(!reader.has_reply(ms(50)), "an extra reply");
+    assert_eq!(hits + busy, rounds);
+    assert_settled(&mut c);
+    let st = c.stats();
+    assert_eq!(st.get("waiters_parked"), st.get("waiters_woken") + st.get("wait_timeouts"), "{st:?}");
+    eprintln!("{rounds} rounds: {hits} HIT, {busy} BUSY, parked {}", st.get("waiters_parked"));
+}
+
+/// A holder parks on the key it holds (its read is the first waiter), then disconnects: the lease must
+/// go to a live waiter at once, never to the dying read.
+#[test]
+fn holder_parked_on_its_own_key_hands_off_to_a_live_waiter() {
+    let s = Server::start();
+    let mut c = s.conn();
+    // With a live waiter behind it.
+    let mut holder = Raw::open(&s, Proto::Resp2);
+    let _tok = parse_lr(&holder.call(&lget("own", 10_000, None)), false).fill();
+    holder.send(&lget("own", 10_000, Some(8_000)));
+    wait_stat(&mut c, "lease_waiters", 1, secs(5));
+    let mut w = park(&s, &mut c, &lget("own", 10_000, Some(8_000)), 2);
+    let t0 = Instant::now();
+    drop(holder);
+    let t2 = w.lease(secs(5), false).fill();
+    assert!(t0.elapsed() < secs(3), "the live waiter got the lease only after {:?}", t0.elapsed());
+    assert!(is_ok(&w.call(&lset("own", "v", &t2, &[]))));
+    assert_eq!(c.get("own").as_deref(), Some(&b"v"[..]));
+    drop(w);
+    assert_settled(&mut c);
+
+    // Alone: the key is free at once for the next reader.
+    let mut holder = Raw::open(&s, Proto::Resp2);
+    let _tok = parse_lr(&holder.call(&lget("alone", 10_000, None)), false).fill();
+    holder.send(&lget("alone", 10_000, Some(8_000)));
+    wait_stat(&mut c, "lease_waiters", 1, secs(5));
+    drop(holder);
+    wait_stat(&mut c, "leases", 0, secs(5));
+    take_lease(&mut c, "alone", 10_000);
+    let st = c.stats();
+    assert_eq!(st.get("handoffs"), 1, "only the live waiter was handed a lease: {st:?}");
+}
+
+/// Lease and WAIT timers end with what they guard: 2,000 grants with a long LEASE and WAIT, each ended
+/// by a fill, RELEASE, PASS or FLUSHALL, leave no timer armed (before, each kept its timer and key copy
+/// for the whole LEASE).
+#[test]
+fn timers_end_with_their_lease() {
+    let s = Server::start();
+    let mut c = s.conn();
+    let mut h = s.conn();
+    for i in 0..2000 {
+        let key = format!("t{i}");
+        let tok = take_lease(&mut h, &key, 50_000);
+        match i % 4 {
+            0 => h.ok(&lset(&key, "v", &tok, &[])),
+            1 => assert_eq!(h.int(&cmd!("TIERCACHE.RELEASE", &key, &tok)), 1),
+            2 => assert_eq!(h.int(&cmd!("TIERCACHE.RELEASE", &key, &tok, "PASS")), 1),
+            _ => h.ok(&cmd!("FLUSHALL")),
+        }
+    }
+    // A parked read woken by the fill takes its WAIT timer with it.
+    let tok = take_lease(&mut h, "p", 50_000);
+    let mut w = park(&s, &mut c, &lget("p", 50_000, Some(50_000)), 1);
+    assert_eq!(c.stats().get("lease_timers"), 2, "the lease's and the parked read's");
+    h.ok(&lset("p", "v", &tok, &[]));
+    w.lease(secs(5), false).hit("v");
+    assert_settled(&mut c);
+    assert_eq!(c.stats().get("leases_granted"), 2001);
+}
+
+fn lease_and_wait_caps(p: Proto) {
+    let s = Server::start();
+    let mut c = s.conn_proto(p);
+    assert_eq!(c.config_get("tiercache.max-lease-ms"), "60000");
+    assert_eq!(c.config_get("tiercache.max-wait-ms"), "60000");
+    c.expect_err(&lget("k", 60_001, None), "ERR LEASE is above tiercache.max-lease-ms (60000)");
+    c.expect_err(&lget("k", 1_000, Some(60_001)), "ERR WAIT is above tiercache.max-wait-ms (60000)");
+    c.ok(&cmd!("CONFIG", "SET", "tiercache.max-lease-ms", "100"));
+    c.ok(&cmd!("CONFIG", "SET", "tiercache.max-wait-ms", "50"));
+    c.expect_err(&lget("k", 101, None), "ERR LEASE is above tiercache.max-lease-ms (100)");
+    c.expect_err(&lget("k", 100, Some(51)), "ERR WAIT is above tiercache.max-wait-ms (50)");
+    assert_eq!(c.stats().get("leases"), 0, "a refused read takes no lease");
+    take_lease(&mut c, "k", 100);
+    let e = c.err(&cmd!("CONFIG", "SET", "tiercache.max-lease-ms", "0"));
+    assert!(e.contains("between 1 and"), "CONFIG SET below the bound: {e}");
+}
+
+/// Lease tokens are drawn from Redis's random bytes: the old ones were a splitmix64 mix of a Weyl
+/// sequence, so unmixing two consecutive tokens showed the constant step and predicted the next.
+#[test]
+fn lease_tokens_are_not_a_sequence() {
+    fn unxorshift(y: u64, s: u32) -> u64 {
+        let mut x = y;
+        for _ in 0..64 / s + 1 {
+            x = y ^ (x >> s);
+        }
+        x
+    }
+    fn inverse(c: u64) -> u64 {
+        let mut inv = c;
+        for _ in 0..6 {
+            inv = inv.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(inv)));
+        }
+        inv
+    }
+    fn unmix(z: u64) -> u64 {
+        let z = unxorshift(z, 31).wrapping_mul(inverse(0x94D0_49BB_1331_11EB));
+        let z = unxorshift(z, 27).wrapping_mul(inverse(0xBF58_476D_1CE4_E5B9));
+        unxorshift(z, 30)
+    }
+    let s = Server::start();
+    let mut c = s.conn();
+    let tokens: Vec<u64> = (0..64)
+        .map(|i| {
+            let key = format!("tok{i}");
+            let t = take_lease(&mut c, &key, 1_000);
+            assert_eq!(c.int(&cmd!("TIERCACHE.RELEASE", &key, &t)), 1);
+            t.parse().unwrap()
+        })
+        .collect();
+    let steps: std::collections::HashSet<u64> = tokens.windows(2).map(|w| unmix(w[1]).wrapping_sub(unmix(w[0]))).collect();
+    assert!(steps.len() > 60, "consecutive tokens unmix to a constant step: {steps:x?}");
+    let distinct: std::collections::HashSet<u64> = tokens.iter().copied().collect();
+    assert_eq!(distinct.len(), tokens.len());
+    let high = tokens.iter().filter(|t| **t >> 63 == 1).count();
+    assert!((8..=56).contains(&high), "the top bit is set in {high} of 64 tokens");
+}
+
+/// `CLIENT UNBLOCK` answers a parked read BUSY (or the UNBLOCKED error with ERROR), once, and takes its
+/// WAIT timer with it.
+fn client_unblock_of_a_parked_read(p: Proto) {
+    let s = Server::start();
+    let mut c = s.conn();
+    let mut h = s.conn();
+    let tok = take_lease(&mut h, "k", 50_000);
+    for error in [false, true] {
+        let mut w = Raw::open(&s, p);
+        let id = as_int(&w.call(&cmd!("CLIENT", "ID"))).expect("client id");
+        w.send(&lget("k", 50_000, Some(50_000)));
+        wait_stat(&mut c, "lease_waiters", 1, secs(5));
+        let mut unblock = cmd!("CLIENT", "UNBLOCK", id);
+        if error {
+            unblock.arg("ERROR");
+        }
+        assert_eq!(c.int(&unblock), 1, "CLIENT UNBLOCK of a parked read");
+        let v = w.recv(secs(5));
+        if error {
+            assert!(matches!(&v, Value::ServerError(e) if e.code() == "UNBLOCKED"), "{v:?}");
+        } else {
+            parse_lr(&v, false).busy();
+        }
+        assert!(!w.has_reply(ms(50)), "one reply only");
+        let st = c.stats();
+        assert_eq!((st.get("lease_waiters"), st.get("lease_timers")), (0, 1), "only the lease's timer is left: {st:?}");
+    }
+    h.ok(&lset("k", "v", &tok, &[]));
+    assert_settled(&mut c);
 }

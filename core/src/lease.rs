@@ -56,6 +56,9 @@ pub struct Lease<W> {
     pub holder: u64,
     pub granted_ms: i64,
     pub expires_ms: i64,
+    /// The adapter's expiry-timer id (opaque here; 0 until [`LeaseTable::set_timer`]), so the timer can
+    /// be cancelled when the lease ends early instead of lingering until its deadline.
+    pub timer: u64,
     key_changed: bool,
     invalidated: Vec<u64>,
     all_tags_invalidated: bool,
@@ -80,24 +83,23 @@ pub struct Handoff<W> {
 
 type Key = (usize, Box<[u8]>);
 
+/// Where lease tokens come from. A token is the only proof of holding a lease, so in production it
+/// must be unpredictable (the module draws it from Redis's cryptographic random bytes); tests may
+/// count.
+pub type TokenSource = fn() -> u64;
+
 /// Every outstanding lease, by (db, key).
 #[derive(Debug)]
 pub struct LeaseTable<W> {
     leases: HashMap<Key, Lease<W>, RandomState>,
     by_client: HashMap<u64, Vec<Key>, RandomState>,
     hasher: RandomState,
-    next_token: u64,
+    tokens: TokenSource,
 }
 
 impl<W: Waiter> LeaseTable<W> {
-    /// `seed` makes tokens unpredictable across restarts (any varying number will do).
-    pub fn new(seed: u64) -> Self {
-        LeaseTable {
-            leases: HashMap::default(),
-            by_client: HashMap::default(),
-            hasher: RandomState::new(),
-            next_token: seed | 1,
-        }
+    pub fn new(tokens: TokenSource) -> Self {
+        LeaseTable { leases: HashMap::default(), by_client: HashMap::default(), hasher: RandomState::new(), tokens }
     }
 
     pub fn len(&self) -> usize {
@@ -112,17 +114,18 @@ impl<W: Waiter> LeaseTable<W> {
         self.leases.values().map(|l| l.waiters.len()).sum()
     }
 
-    fn token(&mut self) -> u64 {
-        // A Weyl sequence: distinct for 2^64 grants, not guessable from a client's own tokens alone.
-        self.next_token = self.next_token.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.next_token;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)).max(1)
+    /// A fresh token: never 0 (0 is not a valid token) and never the one the key held just before.
+    fn token(&mut self, previous: u64) -> u64 {
+        loop {
+            let t = (self.tokens)();
+            if t != 0 && t != previous {
+                return t;
+            }
+        }
     }
 
-    fn insert(&mut self, key: Key, holder: u64, now: i64, ttl_ms: i64, waiters: VecDeque<W>) -> u64 {
-        let token = self.token();
+    fn insert(&mut self, key: Key, holder: u64, now: i64, ttl_ms: i64, waiters: VecDeque<W>, previous: u64) -> u64 {
+        let token = self.token(previous);
         self.by_client.entry(holder).or_default().push(key.clone());
         self.leases.insert(
             key,
@@ -131,6 +134,7 @@ impl<W: Waiter> LeaseTable<W> {
                 holder,
                 granted_ms: now,
                 expires_ms: now.saturating_add(ttl_ms),
+                timer: 0,
                 key_changed: false,
                 invalidated: Vec::new(),
                 all_tags_invalidated: false,
@@ -155,12 +159,21 @@ impl<W: Waiter> LeaseTable<W> {
     /// An expired lease found here is replaced (its waiters move to the new holder's lease).
     pub fn acquire(&mut self, db: usize, key: &[u8], client: u64, now: i64, ttl_ms: i64) -> Acquire {
         let k: Key = (db, Box::from(key));
-        let waiters = match self.leases.get(&k) {
+        let (waiters, previous) = match self.leases.get(&k) {
             Some(l) if l.expires_ms > now => return Acquire::Busy,
-            Some(_) => self.take(&k).map(|l| l.waiters).unwrap_or_default(),
-            None => VecDeque::new(),
+            Some(_) => self.take(&k).map(|l| (l.waiters, l.token)).unwrap_or_default(),
+            None => (VecDeque::new(), 0),
         };
-        Acquire::Granted(self.insert(k, client, now, ttl_ms, waiters))
+        Acquire::Granted(self.insert(k, client, now, ttl_ms, waiters, previous))
+    }
+
+    /// Records the adapter's expiry timer of the lease `token` holds on `key`.
+    pub fn set_timer(&mut self, db: usize, key: &[u8], token: u64, timer: u64) {
+        if let Some(l) = self.leases.get_mut(&(db, Box::from(key))) {
+            if l.token == token {
+                l.timer = timer;
+            }
+        }
     }
 
     /// True when an unexpired lease exists on `key`.
@@ -233,7 +246,7 @@ impl<W: Waiter> LeaseTable<W> {
     /// `now` and keeps the other waiters. `None` when nobody waits.
     pub fn hand_off(&mut self, db: usize, key: &[u8], mut lease: Lease<W>, now: i64, ttl_ms: i64) -> Option<Handoff<W>> {
         let waiter = lease.waiters.pop_front()?;
-        let token = self.insert((db, Box::from(key)), waiter.client(), now, ttl_ms, std::mem::take(&mut lease.waiters));
+        let token = self.insert((db, Box::from(key)), waiter.client(), now, ttl_ms, std::mem::take(&mut lease.waiters), lease.token);
         Some(Handoff { waiter, token })
     }
 
@@ -275,6 +288,13 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
 
+    /// Counting tokens: predictable on purpose, so the tests can tell grants apart.
+    fn counter() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
     #[derive(Debug, PartialEq)]
     struct W(u64);
     impl Waiter for W {
@@ -286,7 +306,7 @@ mod tests {
     #[test]
     fn one_holder_then_fill_wakes_everyone() {
         let clock = ManualClock::new(1_000);
-        let mut t: LeaseTable<W> = LeaseTable::new(7);
+        let mut t: LeaseTable<W> = LeaseTable::new(counter);
         let Acquire::Granted(tok) = t.acquire(0, b"k", 1, clock.now_ms(), 5_000) else { panic!() };
         assert_eq!(t.acquire(0, b"k", 2, clock.now_ms(), 5_000), Acquire::Busy);
         assert!(t.park(0, b"k", W(2)).is_ok());
@@ -303,7 +323,7 @@ mod tests {
 
     #[test]
     fn expiry_and_disconnect_hand_off_to_the_first_waiter() {
-        let mut t: LeaseTable<W> = LeaseTable::new(1);
+        let mut t: LeaseTable<W> = LeaseTable::new(counter);
         let Acquire::Granted(tok) = t.acquire(0, b"k", 1, 0, 100) else { panic!() };
         t.park(0, b"k", W(2)).unwrap();
         t.park(0, b"k", W(3)).unwrap();
@@ -327,7 +347,7 @@ mod tests {
 
     #[test]
     fn fencing() {
-        let mut t: LeaseTable<W> = LeaseTable::new(1);
+        let mut t: LeaseTable<W> = LeaseTable::new(counter);
         let Acquire::Granted(a) = t.acquire(0, b"a", 1, 0, 1_000) else { panic!() };
         let Acquire::Granted(b) = t.acquire(0, b"b", 1, 0, 1_000) else { panic!() };
         let Acquire::Granted(c) = t.acquire(1, b"c", 1, 0, 1_000) else { panic!() };
@@ -349,7 +369,7 @@ mod tests {
 
     #[test]
     fn an_expired_lease_is_replaced_on_acquire() {
-        let mut t: LeaseTable<W> = LeaseTable::new(1);
+        let mut t: LeaseTable<W> = LeaseTable::new(counter);
         let Acquire::Granted(a) = t.acquire(0, b"k", 1, 0, 100) else { panic!() };
         t.park(0, b"k", W(5)).unwrap();
         let Acquire::Granted(b) = t.acquire(0, b"k", 2, 100, 100) else { panic!() };
@@ -363,5 +383,21 @@ mod tests {
         assert_eq!(t.drain(None).len(), 1);
         assert!(t.is_empty());
         assert!(t.client_gone(2).is_empty() && t.client_gone(9).is_empty(), "holders forgotten too");
+    }
+
+    #[test]
+    fn tokens_come_from_the_source_never_zero_never_the_previous_one() {
+        fn source() -> u64 {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static I: AtomicUsize = AtomicUsize::new(0);
+            [0, 0, 7, 7, 7, 9][I.fetch_add(1, Ordering::Relaxed).min(5)]
+        }
+        let mut t: LeaseTable<W> = LeaseTable::new(source);
+        assert_eq!(t.acquire(0, b"k", 1, 0, 10), Acquire::Granted(7), "zeros are skipped");
+        assert_eq!(t.acquire(0, b"k", 2, 10, 10), Acquire::Granted(9), "the expired lease's token is not reused");
+        t.set_timer(0, b"k", 7, 42);
+        assert_eq!(t.leases.values().next().map(|l| l.timer), Some(0), "a stale token sets nothing");
+        t.set_timer(0, b"k", 9, 42);
+        assert_eq!(t.leases.values().next().map(|l| l.timer), Some(42));
     }
 }

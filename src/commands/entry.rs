@@ -10,7 +10,7 @@ use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
-use crate::config::{COMPRESS_MIN_SIZE, MAX_TAGS};
+use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS};
 use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
@@ -184,6 +184,14 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
 fn get_lease(ctx: Ctx, name: RStr, l: LeaseArgs, encoded: leases::Shape) -> c_int {
     if tagindex::is_replica(ctx) {
         return reply::error(ctx, "ERR leases are granted by the master: send TIERCACHE.GET ... LEASE to the master");
+    }
+    let max_lease = config::MAX_LEASE_MS.get();
+    if l.lease_ms > max_lease {
+        return reply::error(ctx, &format!("ERR LEASE is above tiercache.max-lease-ms ({max_lease})"));
+    }
+    let max_wait = config::MAX_WAIT_MS.get();
+    if l.wait_ms.is_some_and(|w| w > max_wait) {
+        return reply::error(ctx, &format!("ERR WAIT is above tiercache.max-wait-ms ({max_wait})"));
     }
     let db = tagindex::selected_db(ctx);
     let key = bytes(name);

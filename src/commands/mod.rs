@@ -1,6 +1,7 @@
 //! The command table: names, handlers, flags, arity and key specs (what `COMMAND INFO` and
 //! `COMMAND DOCS` show), registered from one place.
 
+mod debug;
 mod entry;
 mod lease;
 mod stats;
@@ -47,7 +48,7 @@ struct Command {
     complexity: &'static CStr,
 }
 
-fn table() -> [Command; 9] {
+fn table() -> [Command; 10] {
     [
         Command {
             name: c"tiercache.set",
@@ -130,6 +131,15 @@ fn table() -> [Command; 9] {
             key: KeyAccess::DeleteAll,
             summary: c"Deletes keys like DEL and fences every fill lease on them, even on keys that do not exist.",
             complexity: c"O(N) for N keys",
+        },
+        Command {
+            name: c"tiercache.debug",
+            handler: handler!(debug::debug),
+            flags: c"admin deny-script",
+            arity: 2,
+            key: KeyAccess::None,
+            summary: c"PANIC: raises a panic inside the module to show it is caught, logged and answered with an error (needs enable-debug-command).",
+            complexity: c"O(1)",
         },
     ]
 }

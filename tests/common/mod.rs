@@ -64,7 +64,7 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 27] =
+pub const STATS_FIELDS: [&str; 28] =
     [
         "entries",
         "compressed_entries",
@@ -84,6 +84,7 @@ pub const STATS_FIELDS: [&str; 27] =
         "stale_served",
         "leases",
         "lease_waiters",
+        "lease_timers",
         "leases_granted",
         "waiters_parked",
         "waiters_woken",

@@ -43,6 +43,7 @@ STATS_FIELDS = [
     "stale_served",
     "leases",
     "lease_waiters",
+    "lease_timers",
     "leases_granted",
     "waiters_parked",
     "waiters_woken",
@@ -383,7 +384,7 @@ def assert_tag_index_exact(r: redis.Redis, also_tags=(), timeout: float = 15.0) 
 
 LEASE_STATUSES = (b"HIT", b"STALE", b"FILL", b"BUSY", b"PASS")
 # The lease counters of TIERCACHE.STATS / INFO tiercache (gauges first).
-LEASE_GAUGES = ["leases", "lease_waiters"]
+LEASE_GAUGES = ["leases", "lease_waiters", "lease_timers"]
 # The lease part of STATS_FIELDS (from stale_served on), without the gauges.
 LEASE_COUNTERS = [f for f in STATS_FIELDS[STATS_FIELDS.index("stale_served"):] if f not in LEASE_GAUGES]
 FENCED_NOT_HELD = "FENCED the lease is not held by this token (expired, released or re-granted)"
@@ -517,12 +518,18 @@ def wait_lease_waiters(r: redis.Redis, n: int, timeout: float = 5.0):
 
 
 def assert_no_lease_leak(r: redis.Redis, timeout: float = 5.0):
-    """LEASES.md "No leak": once settled, leases == 0, lease_waiters == 0 and blocked_clients == 0."""
+    """LEASES.md "No leak": once settled, leases == 0, lease_waiters == 0, lease_timers == 0 (no timer
+    outlives its lease or its parked read) and blocked_clients == 0."""
     last = {}
 
     def settled():
         s = stats(r)
-        last.update(leases=s["leases"], lease_waiters=s["lease_waiters"], blocked_clients=blocked_clients(r))
+        last.update(
+            leases=s["leases"],
+            lease_waiters=s["lease_waiters"],
+            lease_timers=s["lease_timers"],
+            blocked_clients=blocked_clients(r),
+        )
         return all(v == 0 for v in last.values())
 
     try:
