@@ -125,6 +125,12 @@ fn with<R>(f: impl FnOnce(&mut LeaseTable<Parked>) -> R) -> Option<R> {
     TABLE.with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
 }
 
+/// True when any lease is outstanding.
+#[inline]
+pub fn any() -> bool {
+    TABLE.with(|t| t.try_borrow().map_or(true, |t| !t.is_empty()))
+}
+
 /// Gauges: leases held, parked readers, pending timers.
 pub fn stats() -> (usize, usize, usize) {
     let (leases, waiting) = TABLE.with(|t| t.try_borrow().map(|t| (t.len(), t.waiting())).unwrap_or_default());

@@ -324,7 +324,9 @@ unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, k
             }
             // Deleted or moved away by a client: a fill lease there is fenced. Expiry and eviction are
             // not (a stale entry running out while its refresh is loading must not refuse the refresh).
-            b"del" | b"rename_from" | b"move_from" => crate::leases::key_changed(selected_db(ctx), bytes(key)),
+            // Every DEL in the server lands here: with no lease outstanding (the usual case) it costs one
+            // thread-local check and nothing else.
+            b"del" | b"rename_from" | b"move_from" if crate::leases::any() => crate::leases::key_changed(selected_db(ctx), bytes(key)),
             _ => {}
         }
         OK

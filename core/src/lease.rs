@@ -82,16 +82,19 @@ pub struct Handoff<W> {
 }
 
 type Key = (usize, Box<[u8]>);
+type Leases<W> = HashMap<Box<[u8]>, Lease<W>, RandomState>;
 
 /// Where lease tokens come from. A token is the only proof of holding a lease, so in production it
 /// must be unpredictable (the module draws it from Redis's cryptographic random bytes); tests may
 /// count.
 pub type TokenSource = fn() -> u64;
 
-/// Every outstanding lease, by (db, key).
+/// Every outstanding lease, by database, then key (looked up by `&[u8]`: no allocation per lookup,
+/// which matters because every client DEL in the server asks whether a lease is to be fenced).
 #[derive(Debug)]
 pub struct LeaseTable<W> {
-    leases: HashMap<Key, Lease<W>, RandomState>,
+    dbs: Vec<Leases<W>>,
+    count: usize,
     by_client: HashMap<u64, Vec<Key>, RandomState>,
     hasher: RandomState,
     tokens: TokenSource,
@@ -99,19 +102,27 @@ pub struct LeaseTable<W> {
 
 impl<W: Waiter> LeaseTable<W> {
     pub fn new(tokens: TokenSource) -> Self {
-        LeaseTable { leases: HashMap::default(), by_client: HashMap::default(), hasher: RandomState::new(), tokens }
+        LeaseTable { dbs: Vec::new(), count: 0, by_client: HashMap::default(), hasher: RandomState::new(), tokens }
     }
 
     pub fn len(&self) -> usize {
-        self.leases.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.leases.is_empty()
+        self.count == 0
     }
 
     pub fn waiting(&self) -> usize {
-        self.leases.values().map(|l| l.waiters.len()).sum()
+        self.dbs.iter().flat_map(|d| d.values()).map(|l| l.waiters.len()).sum()
+    }
+
+    fn get(&self, db: usize, key: &[u8]) -> Option<&Lease<W>> {
+        self.dbs.get(db)?.get(key)
+    }
+
+    fn get_mut(&mut self, db: usize, key: &[u8]) -> Option<&mut Lease<W>> {
+        self.dbs.get_mut(db)?.get_mut(key)
     }
 
     /// A fresh token: never 0 (0 is not a valid token) and never the one the key held just before.
@@ -127,8 +138,13 @@ impl<W: Waiter> LeaseTable<W> {
     fn insert(&mut self, key: Key, holder: u64, now: i64, ttl_ms: i64, waiters: VecDeque<W>, previous: u64) -> u64 {
         let token = self.token(previous);
         self.by_client.entry(holder).or_default().push(key.clone());
-        self.leases.insert(
-            key,
+        let (db, name) = key;
+        if self.dbs.len() <= db {
+            self.dbs.resize_with(db + 1, HashMap::default);
+        }
+        self.count += 1;
+        self.dbs[db].insert(
+            name,
             Lease {
                 token,
                 holder,
@@ -144,10 +160,11 @@ impl<W: Waiter> LeaseTable<W> {
         token
     }
 
-    fn take(&mut self, key: &Key) -> Option<Lease<W>> {
-        let lease = self.leases.remove(key)?;
+    fn take(&mut self, db: usize, key: &[u8]) -> Option<Lease<W>> {
+        let lease = self.dbs.get_mut(db)?.remove(key)?;
+        self.count -= 1;
         if let Some(keys) = self.by_client.get_mut(&lease.holder) {
-            keys.retain(|k| k != key);
+            keys.retain(|k| k.0 != db || &*k.1 != key);
             if keys.is_empty() {
                 self.by_client.remove(&lease.holder);
             }
@@ -158,18 +175,17 @@ impl<W: Waiter> LeaseTable<W> {
     /// Grants the lease on `key` to `client` for `ttl_ms` unless someone else holds an unexpired one.
     /// An expired lease found here is replaced (its waiters move to the new holder's lease).
     pub fn acquire(&mut self, db: usize, key: &[u8], client: u64, now: i64, ttl_ms: i64) -> Acquire {
-        let k: Key = (db, Box::from(key));
-        let (waiters, previous) = match self.leases.get(&k) {
+        let (waiters, previous) = match self.get(db, key) {
             Some(l) if l.expires_ms > now => return Acquire::Busy,
-            Some(_) => self.take(&k).map(|l| (l.waiters, l.token)).unwrap_or_default(),
+            Some(_) => self.take(db, key).map(|l| (l.waiters, l.token)).unwrap_or_default(),
             None => (VecDeque::new(), 0),
         };
-        Acquire::Granted(self.insert(k, client, now, ttl_ms, waiters, previous))
+        Acquire::Granted(self.insert((db, Box::from(key)), client, now, ttl_ms, waiters, previous))
     }
 
     /// Records the adapter's expiry timer of the lease `token` holds on `key`.
     pub fn set_timer(&mut self, db: usize, key: &[u8], token: u64, timer: u64) {
-        if let Some(l) = self.leases.get_mut(&(db, Box::from(key))) {
+        if let Some(l) = self.get_mut(db, key) {
             if l.token == token {
                 l.timer = timer;
             }
@@ -178,12 +194,12 @@ impl<W: Waiter> LeaseTable<W> {
 
     /// True when an unexpired lease exists on `key`.
     pub fn is_held(&self, db: usize, key: &[u8], now: i64) -> bool {
-        self.leases.get(&(db, Box::from(key))).is_some_and(|l| l.expires_ms > now)
+        self.get(db, key).is_some_and(|l| l.expires_ms > now)
     }
 
     /// Parks a waiter on the lease of `key` (which must be held).
     pub fn park(&mut self, db: usize, key: &[u8], waiter: W) -> Result<(), W> {
-        match self.leases.get_mut(&(db, Box::from(key))) {
+        match self.get_mut(db, key) {
             Some(l) => {
                 l.waiters.push_back(waiter);
                 Ok(())
@@ -194,7 +210,7 @@ impl<W: Waiter> LeaseTable<W> {
 
     /// Removes a waiter (timeout, disconnect); returns it if it was parked.
     pub fn unpark(&mut self, db: usize, key: &[u8], is_it: impl Fn(&W) -> bool) -> Option<W> {
-        let l = self.leases.get_mut(&(db, Box::from(key)))?;
+        let l = self.get_mut(db, key)?;
         let at = l.waiters.iter().position(is_it)?;
         l.waiters.remove(at)
     }
@@ -202,8 +218,7 @@ impl<W: Waiter> LeaseTable<W> {
     /// A fill with `token` and `tags` arrives: on success the lease is gone and returned (its waiters are
     /// to be woken with the new value), with how long the fill took in ms.
     pub fn fill(&mut self, db: usize, key: &[u8], token: u64, tags: &[&[u8]], now: i64) -> Result<(Lease<W>, i64), Fence> {
-        let k: Key = (db, Box::from(key));
-        let l = self.leases.get(&k).ok_or(Fence::NotHeld)?;
+        let l = self.get(db, key).ok_or(Fence::NotHeld)?;
         if l.token != token || l.expires_ms <= now {
             return Err(Fence::NotHeld);
         }
@@ -213,25 +228,23 @@ impl<W: Waiter> LeaseTable<W> {
         if !tags.is_empty() && (l.all_tags_invalidated || tags.iter().any(|t| l.invalidated.contains(&self.hasher.hash_one(t)))) {
             return Err(Fence::TagInvalidated);
         }
-        let lease = self.take(&k).ok_or(Fence::NotHeld)?;
+        let lease = self.take(db, key).ok_or(Fence::NotHeld)?;
         let took = now.saturating_sub(lease.granted_ms);
         Ok((lease, took))
     }
 
     /// `RELEASE key token`: returns the lease if `token` held it.
     pub fn release(&mut self, db: usize, key: &[u8], token: u64, now: i64) -> Option<Lease<W>> {
-        let k: Key = (db, Box::from(key));
-        match self.leases.get(&k) {
-            Some(l) if l.token == token && l.expires_ms > now => self.take(&k),
+        match self.get(db, key) {
+            Some(l) if l.token == token && l.expires_ms > now => self.take(db, key),
             _ => None,
         }
     }
 
     /// The lease timer: returns the lease if `token` still holds it and it has expired.
     pub fn expire(&mut self, db: usize, key: &[u8], token: u64, now: i64) -> Option<Lease<W>> {
-        let k: Key = (db, Box::from(key));
-        match self.leases.get(&k) {
-            Some(l) if l.token == token && l.expires_ms <= now => self.take(&k),
+        match self.get(db, key) {
+            Some(l) if l.token == token && l.expires_ms <= now => self.take(db, key),
             _ => None,
         }
     }
@@ -239,7 +252,9 @@ impl<W: Waiter> LeaseTable<W> {
     /// A client disconnected: the leases it held, as `(db, key, lease)`.
     pub fn client_gone(&mut self, client: u64) -> Vec<(usize, Box<[u8]>, Lease<W>)> {
         let keys = self.by_client.remove(&client).unwrap_or_default();
-        keys.into_iter().filter_map(|k| self.leases.remove(&k).map(|l| (k.0, k.1, l))).collect()
+        let gone: Vec<_> = keys.into_iter().filter_map(|(db, k)| self.dbs.get_mut(db)?.remove(&k).map(|l| (db, k, l))).collect();
+        self.count -= gone.len();
+        gone
     }
 
     /// Gives a lease that ended without a value to its first waiter: the new lease runs `ttl_ms` from
@@ -252,19 +267,17 @@ impl<W: Waiter> LeaseTable<W> {
 
     /// Someone other than the holder wrote or deleted `key`.
     pub fn key_changed(&mut self, db: usize, key: &[u8]) {
-        if let Some(l) = self.leases.get_mut(&(db, Box::from(key))) {
+        if let Some(l) = self.get_mut(db, key) {
             l.key_changed = true;
         }
     }
 
     /// Tags were invalidated in `db`: every lease there remembers them.
     pub fn tags_invalidated(&mut self, db: usize, tags: &[&[u8]]) {
-        if self.leases.is_empty() {
-            return;
-        }
+        let Some(leases) = self.dbs.get_mut(db).filter(|d| !d.is_empty()) else { return };
         let hashes: Vec<u64> = tags.iter().map(|t| self.hasher.hash_one(t)).collect();
-        for ((d, _), l) in self.leases.iter_mut() {
-            if *d != db || l.all_tags_invalidated {
+        for l in leases.values_mut() {
+            if l.all_tags_invalidated {
                 continue;
             }
             l.invalidated.extend_from_slice(&hashes);
@@ -278,8 +291,11 @@ impl<W: Waiter> LeaseTable<W> {
     /// Forgets the leases of one database (FLUSHDB) or of all (`None`: FLUSHALL, full resync): returns
     /// them so their waiters can be answered.
     pub fn drain(&mut self, db: Option<usize>) -> Vec<(usize, Box<[u8]>, Lease<W>)> {
-        let keys: Vec<Key> = self.leases.keys().filter(|k| db.is_none_or(|d| k.0 == d)).cloned().collect();
-        keys.into_iter().filter_map(|k| self.take(&k).map(|l| (k.0, k.1, l))).collect()
+        let keys: Vec<Key> = (0..self.dbs.len())
+            .filter(|d| db.is_none_or(|x| x == *d))
+            .flat_map(|d| self.dbs[d].keys().map(move |k| (d, k.clone())))
+            .collect();
+        keys.into_iter().filter_map(|(d, k)| self.take(d, &k).map(|l| (d, k, l))).collect()
     }
 }
 
@@ -396,8 +412,8 @@ mod tests {
         assert_eq!(t.acquire(0, b"k", 1, 0, 10), Acquire::Granted(7), "zeros are skipped");
         assert_eq!(t.acquire(0, b"k", 2, 10, 10), Acquire::Granted(9), "the expired lease's token is not reused");
         t.set_timer(0, b"k", 7, 42);
-        assert_eq!(t.leases.values().next().map(|l| l.timer), Some(0), "a stale token sets nothing");
+        assert_eq!(t.get(0, b"k").map(|l| l.timer), Some(0), "a stale token sets nothing");
         t.set_timer(0, b"k", 9, 42);
-        assert_eq!(t.leases.values().next().map(|l| l.timer), Some(42));
+        assert_eq!(t.get(0, b"k").map(|l| l.timer), Some(42));
     }
 }
