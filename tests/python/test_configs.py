@@ -25,6 +25,8 @@ def test_config_get_pattern_lists_all(r):
         CMS: b"1024",
         MAX_TAGS: b"32",
         "tiercache.reclaim-budget": b"1000",
+        "tiercache.max-lease-ms": b"60000",
+        "tiercache.max-wait-ms": b"60000",
         "tiercache.invalidation-channel": b"tiercache:invalidations",
     }
 

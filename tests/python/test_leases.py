@@ -1184,7 +1184,7 @@ def test_counters_move_as_expected_in_stats_and_info(r, conns):
 
 def test_info_field_names_and_order(r):
     names = [ln.split(":", 1)[0] for ln in info_text(r, "tiercache").splitlines() if ":" in ln]
-    want = ["tiercache_" + f for f in ["reclaim_max_tick_us", "stale_served", "leases", "lease_waiters",
+    want = ["tiercache_" + f for f in ["reclaim_max_tick_us", "stale_served", "leases", "lease_waiters", "lease_timers",
                                       "leases_granted", "waiters_parked", "waiters_woken", "wait_timeouts",
                                       "handoffs", "lease_timeouts", "passes", "fenced", "early_refreshes"]]
     start = names.index(want[0])
@@ -1342,3 +1342,58 @@ def test_withttl_appends_the_fresh_time_left(r):
     assert r.execute_command("TIERCACHE.GET", b"missing", "WITHTTL", "LEASE", 1000)[3] is None
     with raises_exact("ERR syntax error"):
         r.execute_command("TIERCACHE.GET", b"k", "WITHTTL")
+
+
+# ---- hardening: caps, the holder's own parked read, one reply when a fill meets the deadline ----------
+
+
+def test_lease_and_wait_caps(r):
+    assert r.config_get("tiercache.max-lease-ms") == {"tiercache.max-lease-ms": "60000"}
+    raises_exact(lambda: lease_get(r, "cap", lease=60001), "ERR LEASE is above tiercache.max-lease-ms (60000)")
+    raises_exact(lambda: lease_get(r, "cap", lease=10, wait=60001), "ERR WAIT is above tiercache.max-wait-ms (60000)")
+    try:
+        r.config_set("tiercache.max-lease-ms", 100)
+        r.config_set("tiercache.max-wait-ms", 50)
+        raises_exact(lambda: lease_get(r, "cap", lease=101), "ERR LEASE is above tiercache.max-lease-ms (100)")
+        raises_exact(lambda: lease_get(r, "cap", lease=100, wait=51), "ERR WAIT is above tiercache.max-wait-ms (50)")
+        assert stats(r)["leases"] == 0, "a refused read takes no lease"
+    finally:
+        r.config_set("tiercache.max-lease-ms", 60000)
+        r.config_set("tiercache.max-wait-ms", 60000)
+
+
+def test_holder_parked_on_own_key_disconnects_hands_off_to_live_waiter(r, conns):
+    holder, waiter = conns(), conns()
+    fill(holder, "own-key", lease=10000)
+    holder.park("own-key", 10000, 8000, False)
+    wait_lease_waiters(r, 1)
+    waiter.park("own-key", 10000, 8000, False)
+    wait_lease_waiters(r, 2)
+    holder.close()
+    reply = waiter.read_lease(timeout=3)
+    assert reply[0] == b"FILL", reply
+    assert tc_release(waiter, "own-key", reply[2], "PASS") == 1
+    assert_no_lease_leak(r)
+
+
+def test_fill_in_the_deadline_iteration_still_replies(r, conns):
+    """The holder pipelines a 300 ms busy script and its fill in one write; the reader's WAIT 100 passes
+    during the script. Redis 7.0 used to drop the reader's reply; it must get exactly one (HIT)."""
+    holder, reader = conns(), conns()
+    token = fill(holder, "race-key", lease=10000)
+    reader.park("race-key", 10000, 100, False)
+    wait_lease_waiters(r, 1)
+    script = (
+        "local t = redis.call('TIME'); local s = t[1] * 1000000 + t[2]; "
+        "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - s >= 300000; return 1"
+    )
+    pipe_conn = holder.conn
+    pipe_conn.send_packed_command(
+        pipe_conn.pack_commands([("EVAL", script, 0), ("TIERCACHE.SET", "race-key", "v", "LEASE", token)])
+    )
+    assert pipe_conn.read_response() == 1
+    assert pipe_conn.read_response() in (b"OK", "OK")
+    reply = reader.read_lease(timeout=5)
+    assert reply[0] == b"HIT" and reply[1] == b"v", reply
+    assert not reader.ready(0.05), "a second reply to one read"
+    assert_no_lease_leak(r)
