@@ -640,12 +640,15 @@ impl TierCache {
         let v = match loader().await {
             Ok(v) => v,
             Err(e) => {
-                if served_stale {
-                    metrics::bump(&i.metrics.fail_safe);
-                }
                 metrics::bump(&i.metrics.load_errors);
                 if let Some(token) = token {
                     let _ = i.call::<i64>(redis::cmd("TIERCACHE.RELEASE").arg(full).arg(token)).await;
+                }
+                if served_stale {
+                    // A background refresh: the caller already has the stale value, which is the one
+                    // fail-safe serve; nobody receives a value from here, so count nothing more.
+                    metrics::bump(&i.metrics.fail_safe);
+                    return Err(Error::Load(e));
                 }
                 // Fail-safe: a copy past its L1 deadline, but never one a tag or key invalidation killed.
                 if let Some(stale) = i.l1_stale(full) {
