@@ -686,7 +686,7 @@ impl TierCache {
             }
         };
         let raw = encode(&v).map_err(Error::Codec)?;
-        let Some(lease) = lease else {
+        let Some(mut lease) = lease else {
             // Degraded or passed: keep L1 useful, but never past an invalidation seen meanwhile.
             i.l1_put(full, raw.into(), opts, epoch);
             return Ok(v);
@@ -709,9 +709,23 @@ impl TierCache {
                 metrics::bump(&i.metrics.fenced);
                 i.pool_put(lease.conn);
             }
-            // Refused before the lease check, so the lease is still held; or Redis failed. Either
-            // way the connection is dropped, which ends the lease if it is held.
-            Err(_) => {}
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                // Redis failed (counted in redis_errors): the connection is dropped, which ends the
+                // lease if it is still held.
+                tracing::debug!(key = full, error = %e, "tiercache: fill not stored: Redis failed");
+            }
+            Err(e) => {
+                // Refused before the lease check (OOM, too many tags, a read-only replica...): nothing
+                // is stored, the caller still gets its value, and the lease is still held. Give it back
+                // with PASS, so that the readers parked on it load for themselves now rather than each
+                // in turn being handed a lease whose fill is refused the same way.
+                metrics::bump(&i.metrics.fill_errors);
+                tracing::warn!(key = full, error = %e, "tiercache: fill refused by Redis; value returned but not cached");
+                let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).arg("PASS").clone();
+                if i.lease_call::<i64>(&mut lease.conn, &cmd).await.is_ok() {
+                    i.pool_put(lease.conn);
+                }
+            }
         }
         Ok(v)
     }
