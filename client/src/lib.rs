@@ -237,6 +237,19 @@ struct Ticket {
     tags: Vec<(Arc<AtomicU64>, u64)>,
 }
 
+/// A fill lease and the connection that took it. The server ends a lease when its holder's connection
+/// closes, so this connection stays out of the pool (whose connections are dropped past its size, or
+/// all at once when the main connection fails) until the lease's fill or release has been answered;
+/// only then does it go back. Dropping a `Lease` instead closes the connection, which ends the lease
+/// on the server at once (the next parked reader takes it over) rather than at its milliseconds.
+struct Lease {
+    conn: MultiplexedConnection,
+    token: Vec<u8>,
+}
+
+/// Idle lease-read connections kept for reuse.
+const BLOCKING_POOL_SIZE: usize = 16;
+
 /// Tag generations kept before they are all dropped (with L1).
 const MAX_TRACKED_TAGS: usize = 100_000;
 
@@ -259,7 +272,8 @@ struct Inner {
     client: redis::Client,
     /// The RESP3 connection: ordinary commands, key tracking and the invalidation subscription.
     main: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    /// Idle connections for blocking lease reads (one read at a time each).
+    /// Idle connections for blocking lease reads (one read at a time each). None of them holds a
+    /// lease: a connection that took one is kept by its [`Lease`] until the fill or release is done.
     blocking: Mutex<Vec<MultiplexedConnection>>,
     /// Keyed by the caller's key (without the namespace prefix), so a hit allocates nothing.
     l1: quick_cache::sync::Cache<String, L1Entry, L1Weigher>,
@@ -540,18 +554,26 @@ impl TierCache {
         let Some(reply) = reply else {
             // Redis is down or failing: load directly; L1 still serves what it has.
             metrics::bump(&i.metrics.degraded_loads);
-            return self.run_loader(full, opts, loader, None, epoch, false).await;
+            return self.run_loader(full, opts, loader, None, epoch).await;
         };
+        let (reply, conn) = reply;
         let status = bulk(reply.first()).unwrap_or_default();
         let value = i.read_encoded(bulk(reply.get(3)).as_deref(), bulk(reply.get(1))).ok();
-        let token = bulk(reply.get(2));
-        match (&status[..], value, token) {
-            (b"HIT", Some(raw), token) => {
+        // A token means this caller holds the lease: its connection goes with it (see `Lease`).
+        let lease = match bulk(reply.get(2)) {
+            Some(token) => Some(Lease { conn, token }),
+            None => {
+                i.pool_put(conn);
+                None
+            }
+        };
+        match (&status[..], value, lease) {
+            (b"HIT", Some(raw), lease) => {
                 metrics::bump(&i.metrics.l2_hits);
                 let v: T = decode(&raw).map_err(Error::Codec)?;
-                if let Some(token) = token {
+                if let Some(lease) = lease {
                     // Elected to refresh early (XFetch): serve now, refresh in the background.
-                    self.refresh_in_background(full, opts, loader, token);
+                    self.refresh_in_background(full, opts, loader, lease);
                 }
                 // The server's own fresh time left bounds the L1 copy (another writer's TTL may be shorter).
                 let server_ttl = match reply.get(4) {
@@ -561,33 +583,33 @@ impl TierCache {
                 i.l1_put_for(full, raw.into(), opts, epoch, server_ttl);
                 Ok(v)
             }
-            (b"STALE", Some(raw), token) => {
+            (b"STALE", Some(raw), lease) => {
                 // Served stale (never put in L1); the one caller holding the token refreshes behind.
                 metrics::bump(&i.metrics.l2_stale);
                 let v: T = decode(&raw).map_err(Error::Codec)?;
-                if let Some(token) = token {
-                    self.refresh_in_background(full, opts, loader, token);
+                if let Some(lease) = lease {
+                    self.refresh_in_background(full, opts, loader, lease);
                 }
                 Ok(v)
             }
-            (b"FILL", _, Some(token)) => {
+            (b"FILL", _, Some(lease)) => {
                 metrics::bump(&i.metrics.l2_misses);
-                self.run_loader(full, opts, loader, Some(token), epoch, true).await
+                self.run_loader(full, opts, loader, Some(lease), epoch).await
             }
             (b"HIT", None, _) | (b"STALE", None, _) => Err(Error::Codec("unreadable value from Redis".into())),
             (b"PASS", _, _) => {
                 metrics::bump(&i.metrics.l2_misses);
-                self.run_loader(full, opts, loader, None, epoch, false).await
+                self.run_loader(full, opts, loader, None, epoch).await
             }
             _ => {
                 // BUSY at the wait deadline: load without caching rather than fail.
                 metrics::bump(&i.metrics.l2_misses);
-                self.run_loader(full, opts, loader, None, epoch, false).await
+                self.run_loader(full, opts, loader, None, epoch).await
             }
         }
     }
 
-    fn refresh_in_background<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F, token: Vec<u8>)
+    fn refresh_in_background<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F, lease: Lease)
     where
         T: CacheValue + Send + 'static,
         E: Send + 'static,
@@ -598,7 +620,7 @@ impl TierCache {
         tokio::spawn(async move {
             let ticket = me.inner.ticket(&full, &opts);
             // A failure counts as a fail-safe serve: the stale value already served stands in for it.
-            let _ = me.run_loader_inner(&full, &opts, loader, Some(token), ticket, true, true).await;
+            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, true).await;
         });
     }
 
@@ -607,27 +629,27 @@ impl TierCache {
         full: &str,
         opts: &Opts,
         loader: F,
-        token: Option<Vec<u8>>,
+        lease: Option<Lease>,
         epoch: Ticket,
-        store: bool,
     ) -> Result<T, Error<E>>
     where
         T: CacheValue,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run_loader_inner(full, opts, loader, token, epoch, store, false).await
+        self.run_loader_inner(full, opts, loader, lease, epoch, false).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Runs `loader`; with a lease, then stores its value in Redis (`SET ... LEASE`) and L1, or gives
+    /// the lease back (on the lease's own connection) if it failed. Without one (Redis down, `PASS`,
+    /// `BUSY`), the value goes to L1 only.
     async fn run_loader_inner<T, E, F, Fut>(
         &self,
         full: &str,
         opts: &Opts,
         loader: F,
-        token: Option<Vec<u8>>,
+        lease: Option<Lease>,
         epoch: Ticket,
-        store: bool,
         served_stale: bool,
     ) -> Result<T, Error<E>>
     where
@@ -640,12 +662,18 @@ impl TierCache {
         let v = match loader().await {
             Ok(v) => v,
             Err(e) => {
-                if served_stale {
-                    metrics::bump(&i.metrics.fail_safe);
-                }
                 metrics::bump(&i.metrics.load_errors);
-                if let Some(token) = token {
-                    let _ = i.call::<i64>(redis::cmd("TIERCACHE.RELEASE").arg(full).arg(token)).await;
+                if let Some(mut lease) = lease {
+                    let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).clone();
+                    if i.lease_call::<i64>(&mut lease.conn, &cmd).await.is_ok() {
+                        i.pool_put(lease.conn);
+                    }
+                }
+                if served_stale {
+                    // A background refresh: the caller already has the stale value, which is the one
+                    // fail-safe serve; nobody receives a value from here, so count nothing more.
+                    metrics::bump(&i.metrics.fail_safe);
+                    return Err(Error::Load(e));
                 }
                 // Fail-safe: a copy past its L1 deadline, but never one a tag or key invalidation killed.
                 if let Some(stale) = i.l1_stale(full) {
@@ -658,16 +686,46 @@ impl TierCache {
             }
         };
         let raw = encode(&v).map_err(Error::Codec)?;
-        if store && !i.circuit_open() {
-            let cmd = i.set_cmd(full, &raw, opts, token.as_deref());
-            match i.call::<()>(&cmd).await {
-                Ok(()) => i.l1_put(full, raw.into(), opts, epoch),
-                Err(e) if e.code() == Some("FENCED") => metrics::bump(&i.metrics.fenced),
-                Err(_) => {}
-            }
-        } else if !store {
+        let Some(mut lease) = lease else {
             // Degraded or passed: keep L1 useful, but never past an invalidation seen meanwhile.
             i.l1_put(full, raw.into(), opts, epoch);
+            return Ok(v);
+        };
+        if i.circuit_open() {
+            // Redis is failing: no fill. Dropping the lease's connection ends the lease.
+            return Ok(v);
+        }
+        // The fill goes on the main connection, whose tracking is NOLOOP: sent on the lease's own
+        // connection, it would come back as an invalidation of the key and evict what L1 just took.
+        // The lease's connection is kept open until the reply, so the lease cannot end first.
+        let cmd = i.set_cmd(full, &raw, opts, Some(&lease.token));
+        match i.call::<()>(&cmd).await {
+            Ok(()) => {
+                i.pool_put(lease.conn);
+                i.l1_put(full, raw.into(), opts, epoch);
+            }
+            Err(e) if e.code() == Some("FENCED") => {
+                // The lease is over (handed off or gone): the connection is free again.
+                metrics::bump(&i.metrics.fenced);
+                i.pool_put(lease.conn);
+            }
+            Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
+                // Redis failed (counted in redis_errors): the connection is dropped, which ends the
+                // lease if it is still held.
+                tracing::debug!(key = full, error = %e, "tiercache: fill not stored: Redis failed");
+            }
+            Err(e) => {
+                // Refused before the lease check (OOM, too many tags, a read-only replica...): nothing
+                // is stored, the caller still gets its value, and the lease is still held. Give it back
+                // with PASS, so that the readers parked on it load for themselves now rather than each
+                // in turn being handed a lease whose fill is refused the same way.
+                metrics::bump(&i.metrics.fill_errors);
+                tracing::warn!(key = full, error = %e, "tiercache: fill refused by Redis; value returned but not cached");
+                let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).arg("PASS").clone();
+                if i.lease_call::<i64>(&mut lease.conn, &cmd).await.is_ok() {
+                    i.pool_put(lease.conn);
+                }
+            }
         }
         Ok(v)
     }
@@ -787,8 +845,33 @@ impl Inner {
         self.l1.clear();
     }
 
-    /// `TIERCACHE.GET key ENCODED LEASE ... WAIT ...` on a connection of its own.
-    async fn lease_get(&self, full: &str) -> Option<Vec<Value>> {
+    /// Gives an idle lease-read connection (one that holds no lease) back to the pool.
+    fn pool_put(&self, conn: MultiplexedConnection) {
+        let mut pool = self.blocking.lock();
+        if pool.len() < BLOCKING_POOL_SIZE {
+            pool.push(conn);
+        }
+    }
+
+    /// A command on the connection that holds a lease (so that nothing that happens to the main
+    /// connection or the pool can end the lease first), with the op timeout. After an `Err` that is
+    /// not a server reply, drop the connection: its state is unknown.
+    async fn lease_call<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cmd: &redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let r = match tokio::time::timeout(self.cfg.op_timeout, cmd.query_async::<T>(conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
+        };
+        self.record(!matches!(&r, Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped()));
+        r
+    }
+
+    /// `TIERCACHE.GET key ENCODED LEASE ... WAIT ...` on a connection of its own, returned with the
+    /// reply: the caller pools it, or keeps it in a [`Lease`] when the reply carries a token.
+    async fn lease_get(&self, full: &str) -> Option<(Vec<Value>, MultiplexedConnection)> {
         // Take the pooled connection before any await: the pool lock must not live across one.
         let pooled = self.blocking.lock().pop();
         let mut conn = match pooled {
@@ -820,11 +903,7 @@ impl Inner {
         match r {
             Ok(v) => {
                 self.record(true);
-                let mut pool = self.blocking.lock();
-                if pool.len() < 16 {
-                    pool.push(conn);
-                }
-                Some(v)
+                Some((v, conn))
             }
             Err(e) => {
                 if !(e.is_io_error() || e.is_timeout() || e.is_connection_dropped()) {
