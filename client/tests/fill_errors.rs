@@ -73,7 +73,7 @@ async fn a_refused_fill_is_counted_logged_and_its_value_returned() {
     let url = format!("redis://127.0.0.1:{}/", server.port);
     let a = TierCache::builder(&url).namespace("fe").build().await.unwrap();
     // B parks on A's lease: a long WAIT, so that it is answered by A's release, never by its deadline.
-    let b = TierCache::builder(&url).namespace("fe").wait_timeout(Duration::from_secs(120)).build().await.unwrap();
+    let b = TierCache::builder(&url).namespace("fe").wait_timeout(Duration::from_secs(50)).build().await.unwrap();
     let o = Opts::default().ttl(Duration::from_secs(60)).tag("t1").tag("t2");
 
     let (open, gate) = watch::channel(false);
