@@ -245,11 +245,12 @@ class AsyncTierCache:
         """See :meth:`tiercache.TierCache.get_or_load`; ``loader`` is an async callable (a plain callable
         works too)."""
         c = self._core
-        o = c.options(ttl, stale, tags)
-        await self._resume()
+        if not c.tracking:
+            await self._session()
         v = c.l1_get(key, raw)
         if v is not MISS:
             return v
+        o = c.options(ttl, stale, tags)
         full = c.full(key)
         flight = self._flights.get(full)
         if flight is None:

@@ -195,7 +195,8 @@ class TierCache:
         """L1, then ``TIERCACHE.GET key ENCODED`` (no lease, no load); ``default`` on a miss or when Redis
         fails."""
         c = self._core
-        self._resume()
+        if not c.tracking:
+            self._session()
         v = c.l1_get(key, raw)
         if v is not MISS:
             return v
@@ -269,11 +270,12 @@ class TierCache:
         while one caller refreshes it in the background. Redis errors never reach the caller; the
         loader's do, unless a stale L1 copy can be served (fail-safe)."""
         c = self._core
-        o = c.options(ttl, stale, tags)
-        self._resume()
+        if not c.tracking:
+            self._session()
         v = c.l1_get(key, raw)
         if v is not MISS:
             return cast(T, v)
+        o = c.options(ttl, stale, tags)
         full = c.full(key)
         with self._flights_lock:
             flight = self._flights.get(full)
