@@ -113,6 +113,8 @@ def test_l1_is_bounded_by_the_servers_fresh_time(make_cache, r):
     c = make_cache(l1_ttl=60)
     # Another writer stored the entry with a short fresh period: L1 must not keep it longer.
     r.execute_command("TIERCACHE.SET", "t:v1:short", msgpack.packb("v"), "PX", 30_000, "TAGS", 1, "ns:t:v1")
+    # Its key push must not race the read below (it would rightly void the read's L1 insert).
+    wait_for(lambda: c.stats()["invalidations_received"] >= 1, what="the key push")
     before = time.monotonic()
     assert c.get_or_load("short", lambda: "loaded", ttl=600) == "v"
     entry = c._core._l1["short"]
