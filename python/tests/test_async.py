@@ -65,7 +65,7 @@ def test_async_and_sync_share_entries_and_coherence(server, r, protocol):
             sync.set("k", {"v": 2}, tags=["t1"])
             await until(lambda: "k" not in c._core._l1, what="the key push")
             assert await c.get("k") == {"v": 2}
-            await c.get_or_load("k", lambda: None)
+            await c.get_or_load("k", lambda: None, tags=["t1"])  # L1 entries carry the caller's tags
             sync.invalidate_tags(["t1"])
             await until(lambda: c._core._tags[b"t1"].v > 0, what="the message")
             assert await c.get("k") is None

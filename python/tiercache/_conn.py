@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Tuple, Type
 
 from redis._parsers import _AsyncRESP2Parser, _AsyncRESP3Parser, _RESP2Parser, _RESP3Parser
@@ -48,3 +49,25 @@ def kwargs_for(base: Dict[str, Any], protocol: int, timeout: Any, connect_timeou
     else:
         kw["parser_class"] = _RESP3Parser if protocol == 3 else _RESP2Parser
     return kw
+
+
+def _identity(r: Any) -> Any:
+    return r
+
+
+async def _async_identity(r: Any) -> Any:
+    return r
+
+
+def install_push_handlers(parser: Any) -> None:
+    """Makes ``read_response(push_request=True)`` return RESP3 pushes (messages and key invalidations)
+    as lists. redis-py >= 5.1 has separate pub/sub and invalidation handlers, awaited by the asyncio
+    parser from 6.0; 5.0 has one handler, always called synchronously."""
+    awaits = inspect.iscoroutinefunction(getattr(type(parser), "handle_push_response", None))
+    h = _async_identity if awaits else _identity
+    if hasattr(parser, "set_pubsub_push_handler"):
+        parser.set_pubsub_push_handler(h)
+        if hasattr(parser, "set_invalidation_push_handler"):
+            parser.set_invalidation_push_handler(h)
+    else:
+        parser.set_push_handler(h)

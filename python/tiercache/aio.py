@@ -34,10 +34,6 @@ Loader = Callable[[], Union[Awaitable[Any], Any]]
 _POOL_MAX = 16
 
 
-async def _identity(r: Any) -> Any:
-    return r
-
-
 async def _close(conn: Any) -> None:
     try:
         await conn.disconnect(nowait=True)
@@ -459,9 +455,7 @@ class AsyncTierCache:
             try:
                 async with _timeout(c.op_timeout * 4):
                     await listener.connect()
-                    parser = listener._parser
-                    parser.set_pubsub_push_handler(_identity)
-                    parser.set_invalidation_push_handler(_identity)
+                    _conn.install_push_handlers(listener._parser)
                     await listener.send_command("CLIENT", "ID")
                     lid = await listener.read_response(timeout=c.op_timeout)
                     await listener.send_command("SUBSCRIBE", c.channel)

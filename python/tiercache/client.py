@@ -500,9 +500,7 @@ class TierCache:
             writer = self._cls(**self._kw_plain)
             try:
                 listener.connect()
-                parser = listener._parser
-                parser.set_pubsub_push_handler(lambda r: r)
-                parser.set_invalidation_push_handler(lambda r: r)
+                _conn.install_push_handlers(listener._parser)
                 listener.send_command("CLIENT", "ID")
                 lid = listener.read_response()
                 listener.send_command("SUBSCRIBE", c.channel)
