@@ -300,7 +300,7 @@ class AsyncTierCache:
 
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                k, t = b.key_and_tags(b.arguments(args, kwargs, partial=False))
+                k, t = b.for_call(args, kwargs)
                 return await self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, stale=stale, tags=t, raw=raw)
 
             def cache_key(*args: Any, **kwargs: Any) -> str:

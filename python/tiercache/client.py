@@ -339,7 +339,7 @@ class TierCache:
 
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                k, t = b.key_and_tags(b.arguments(args, kwargs, partial=False))
+                k, t = b.for_call(args, kwargs)
                 return self.get_or_load(k, lambda: fn(*args, **kwargs), ttl=ttl, stale=stale, tags=t, raw=raw)
 
             def cache_key(*args: Any, **kwargs: Any) -> str:
