@@ -118,3 +118,27 @@ def test_starts_degraded_when_redis_is_down(protocol):
         assert c.stats()["degraded_loads"] == 1
     finally:
         c.close()
+
+
+def _child_reads(cache, q):
+    core = cache._core
+    before = (core.tracking, "k" in core._l1)
+    value = cache.get("k")
+    q.put((before[0], before[1], value, core.tracking, cache.stats()["l1_resets"], cache._sess is not None))
+
+
+def test_a_forked_child_reconnects_and_drops_the_inherited_l1(make_cache, r):
+    """gunicorn --preload, multiprocessing: the child has no listener thread and the parent's sockets.
+    It must not trust the L1 it inherited: the first call reconnects, which drops it."""
+    import multiprocessing as mp
+
+    a = make_cache()
+    a.set("k", "old")
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_reads, args=(a, q))
+    p.start()
+    got = q.get(timeout=30)
+    p.join(10)
+    assert got == (False, True, "old", True, 1, True)
+    assert a.get("k") == "old" and a._core.tracking  # the parent is untouched

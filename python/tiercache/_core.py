@@ -328,6 +328,9 @@ class Core:
         with self._lock:
             self._reset_locked()
 
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
     def set_tracking(self, on: bool) -> None:
         with self._lock:
             self.tracking = on

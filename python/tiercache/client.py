@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast
 
@@ -172,6 +174,15 @@ class TierCache:
         self._flights_lock = threading.Lock()
         self._bg = ThreadPoolExecutor(max_workers=max(1, refresh_workers), thread_name_prefix="tiercache-refresh")
         self._closed = False
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+
+            def in_child() -> None:
+                cache = ref()
+                if cache is not None:
+                    cache._after_fork()
+
+            os.register_at_fork(after_in_child=in_child)
         self._session()
 
     # ---- public API ------------------------------------------------------------------------------
@@ -374,6 +385,20 @@ class TierCache:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _after_fork(self) -> None:
+        """In a forked child (gunicorn --preload, multiprocessing): the listener thread did not come
+        along and the sockets are the parent's. Forget them without closing them; the next call connects
+        anew, which drops the L1 inherited from the parent."""
+        self._sess = None
+        self._core.after_fork()
+        self._core.set_tracking(False)
+        self._sess_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._flights_lock = threading.Lock()
+        self._lease_pool = []
+        self._flights = {}
+        self._bg = ThreadPoolExecutor(max_workers=self._bg._max_workers, thread_name_prefix="tiercache-refresh")
 
     # ---- the read path ---------------------------------------------------------------------------
     def _load_through_redis(self, key: str, full: str, o: Options, loader: Callable[[], Any], raw: bool) -> Any:
