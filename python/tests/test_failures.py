@@ -142,3 +142,33 @@ def test_a_forked_child_reconnects_and_drops_the_inherited_l1(make_cache, r):
     p.join(10)
     assert got == (False, True, "old", True, 1, True)
     assert a.get("k") == "old" and a._core.tracking  # the parent is untouched
+
+
+def test_a_silent_server_is_noticed_by_ping(start_server, protocol):
+    """The server stops answering without closing the connection (CLIENT PAUSE stands in for a network
+    partition): after unanswered PINGs the listener gives up, so L1 stops being trusted."""
+    import asyncio
+
+    import redis as redis_py
+    import redis.asyncio
+
+    from tiercache import AsyncTierCache, TierCache
+
+    srv = start_server()
+    c = TierCache(redis_py.Redis(port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
+
+    async def main():
+        a = AsyncTierCache(redis.asyncio.Redis(port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
+        assert await a.connect()
+        srv.client().execute_command("CLIENT", "PAUSE", 3000, "ALL")
+        deadline = time.monotonic() + 2.5
+        while (c._core.tracking or a._core.tracking) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        result = (c._core.tracking, a._core.tracking)
+        await a.aclose()
+        return result
+
+    try:
+        assert asyncio.run(main()) == (False, False)
+    finally:
+        c.close()

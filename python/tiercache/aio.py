@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Set, Tuple, TypeVar, Union, cast
 
 import redis
@@ -17,7 +18,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import _codec, _conn
 from ._core import MISS, Core, LeaseReply, Options, Tags, Ticket
 from ._decorator import Binder
-from ._durations import Duration
+from ._durations import Duration, seconds
 from ._errors import (
     CodecError,
     FencedError,
@@ -48,6 +49,7 @@ class _Session:
         self.wlock = asyncio.Lock()
         self.closed = False
         self.task: Optional["asyncio.Task[None]"] = None
+        self.last_seen = time.monotonic()
 
     async def close(self) -> None:
         self.closed = True
@@ -137,10 +139,12 @@ class AsyncTierCache:
         on_busy: str = "load",
         registry: Optional[CollectorRegistry] = REGISTRY,
         metric_labels: Optional[Dict[str, str]] = None,
+        ping_interval: Duration = 5,
     ) -> None:
         if on_busy not in ("load", "raise"):
             raise ValueError("on_busy must be 'load' (load without caching) or 'raise' (LeaseTimeout)")
         self.redis = redis_client
+        self._ping_interval = seconds(ping_interval)
         self._cls, base, self._protocol = _conn.derive(redis_client.connection_pool, asyncio=True)
         self._core = Core(
             db=int(base.get("db") or 0), namespace=namespace, schema_version=schema_version,
@@ -478,6 +482,7 @@ class AsyncTierCache:
 
     async def _listen(self, s: _Session) -> None:
         c = self._core
+        pinger = asyncio.get_running_loop().create_task(self._ping(s))
         try:
             while not s.closed:
                 try:
@@ -486,13 +491,32 @@ class AsyncTierCache:
                     raise
                 except Exception:
                     break
+                s.last_seen = time.monotonic()
                 if isinstance(push, list):
                     try:
                         c.on_push(push)
                     except Exception:
                         c.reset_l1()
         finally:
+            pinger.cancel()
             await self._lost(s)
+
+    async def _ping(self, s: _Session) -> None:
+        """PINGs the listener connection when it is quiet; closes the session after two unanswered PINGs
+        (a peer that vanished without closing the connection would otherwise keep L1 trusted forever)."""
+        interval = self._ping_interval
+        while not s.closed:
+            await asyncio.sleep(interval)
+            idle = time.monotonic() - s.last_seen
+            if idle > 3 * interval:
+                break
+            if idle >= interval:
+                try:
+                    await s.listener.send_command("PING", check_health=False)
+                except Exception:
+                    break
+        # Closing the socket ends the listener's read; the listener then drops the session.
+        await _close(s.listener)
 
     async def _lost(self, s: _Session) -> None:
         if self._sess is s:

@@ -17,7 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import _codec, _conn
 from ._core import MISS, Core, LeaseReply, Options, Tags, Ticket
 from ._decorator import Binder
-from ._durations import Duration
+from ._durations import Duration, seconds
 from ._errors import (
     CodecError,
     FencedError,
@@ -144,6 +144,7 @@ class TierCache:
         registry: Optional[CollectorRegistry] = REGISTRY,
         metric_labels: Optional[Dict[str, str]] = None,
         refresh_workers: int = 4,
+        ping_interval: Duration = 5,
     ) -> None:
         if on_busy not in ("load", "raise"):
             raise ValueError("on_busy must be 'load' (load without caching) or 'raise' (LeaseTimeout)")
@@ -161,6 +162,7 @@ class TierCache:
         )
         c = self._core
         self._on_busy = on_busy
+        self._ping_interval = seconds(ping_interval)
         self._kw_plain = _conn.kwargs_for(base, self._protocol, c.op_timeout, c.op_timeout, False)
         self._kw_listen = _conn.kwargs_for(base, 3, None, c.op_timeout, False)
         self._kw_lease = _conn.kwargs_for(base, self._protocol, c.wait_ms / 1000.0 + c.op_timeout, c.op_timeout, False)
@@ -549,8 +551,18 @@ class TierCache:
 
     def _listen(self, s: _Session) -> None:
         c = self._core
+        quiet = 0
         while not s.closed:
             try:
+                if not s.listener.can_read(timeout=self._ping_interval):
+                    # Nothing for a while: PING, and give up after two unanswered ones (a peer that
+                    # vanished without closing the connection would otherwise keep L1 trusted forever).
+                    quiet += 1
+                    if quiet > 2:
+                        break
+                    s.listener.send_command("PING")
+                    continue
+                quiet = 0
                 push = s.listener.read_response(push_request=True)
             except Exception:
                 break
