@@ -8,7 +8,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 if TYPE_CHECKING:
@@ -37,13 +37,16 @@ GAUGES: Tuple[Tuple[str, str], ...] = (
     ("degraded", "1 while Redis is bypassed after repeated failures."),
 )
 PREFIX = "tiercache_client_"
+# Python-only (the Rust client has no histogram yet): how long loader calls took, failed ones included.
+LOAD_HISTOGRAM = ("load_duration_seconds", "Loader call durations, failed calls included.")
+BUCKETS: Tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class Metrics:
     """Plain integer counters (an L1 hit must stay cheap: no lock, no prometheus_client call). Under
     heavy thread contention an increment may rarely be lost (``+=`` is not atomic); they are metrics."""
 
-    __slots__ = tuple(name for name, _ in COUNTERS)
+    __slots__ = tuple(name for name, _ in COUNTERS) + ("load_buckets", "load_sum")
 
     def __init__(self) -> None:
         self.l1_hits = 0
@@ -61,6 +64,15 @@ class Metrics:
         self.degraded_loads = 0
         self.invalidations_received = 0
         self.l1_resets = 0
+        self.load_buckets = [0] * (len(BUCKETS) + 1)
+        self.load_sum = 0.0
+
+    def observe_load(self, seconds: float) -> None:
+        i = 0
+        while i < len(BUCKETS) and seconds > BUCKETS[i]:
+            i += 1
+        self.load_buckets[i] += 1
+        self.load_sum += seconds
 
     def snapshot(self) -> Dict[str, int]:
         return {name: int(getattr(self, name)) for name, _ in COUNTERS}
@@ -75,15 +87,24 @@ class _Collector(Collector):
         with self._lock:
             self._caches.add(core)
 
-    def describe(self) -> List[CounterMetricFamily]:
-        return [CounterMetricFamily(PREFIX + name, help) for name, help in COUNTERS]
+    def describe(self) -> List[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
+        out: List[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily] = []
+        out += [CounterMetricFamily(PREFIX + name, help) for name, help in COUNTERS]
+        out += [GaugeMetricFamily(PREFIX + name, help) for name, help in GAUGES]
+        out.append(HistogramMetricFamily(PREFIX + LOAD_HISTOGRAM[0], LOAD_HISTOGRAM[1]))
+        return out
 
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily | HistogramMetricFamily]:
         with self._lock:
             caches = list(self._caches)
         groups: Dict[Tuple[Tuple[str, str], ...], Dict[str, int]] = {}
+        hists: Dict[Tuple[Tuple[str, str], ...], Tuple[List[int], List[float]]] = {}
         for c in caches:
             labels = tuple(sorted(c.metric_labels.items()))
+            counts, total_sum = hists.setdefault(labels, ([0] * (len(BUCKETS) + 1), [0.0]))
+            for i, n in enumerate(c.m.load_buckets):
+                counts[i] += n
+            total_sum[0] += c.m.load_sum
             total = groups.setdefault(labels, {})
             for k, v in c.stats().items():
                 if k == "degraded":
@@ -103,6 +124,15 @@ class _Collector(Collector):
                 d = dict(labels)
                 gfam.add_metric([d.get(n, "") for n in label_names], total.get(name, 0))
             yield gfam
+        hfam = HistogramMetricFamily(PREFIX + LOAD_HISTOGRAM[0], LOAD_HISTOGRAM[1], labels=label_names)
+        for labels, (counts, total_sum) in hists.items():
+            d = dict(labels)
+            cumulative, buckets = 0, []
+            for le, n in zip([*(repr(b) for b in BUCKETS), "+Inf"], counts):
+                cumulative += n
+                buckets.append((le, float(cumulative)))
+            hfam.add_metric([d.get(n, "") for n in label_names], buckets, total_sum[0])
+        yield hfam
 
 
 _collectors: "weakref.WeakKeyDictionary[CollectorRegistry, _Collector]" = weakref.WeakKeyDictionary()

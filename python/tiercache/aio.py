@@ -384,12 +384,15 @@ class AsyncTierCache:
                           served_stale: bool = False, keep: bool = True) -> Any:
         c = self._core
         c.m.loads += 1
+        t0 = time.perf_counter()
         try:
             try:
                 v = loader()
                 if inspect.isawaitable(v):
                     v = await v
+                c.m.observe_load(time.perf_counter() - t0)
             except Exception:
+                c.m.observe_load(time.perf_counter() - t0)
                 if served_stale:
                     c.m.fail_safe += 1
                 c.m.load_errors += 1

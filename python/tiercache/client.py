@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, Union, cast
@@ -450,10 +451,13 @@ class TierCache:
                     keep: bool = True) -> Any:
         c = self._core
         c.m.loads += 1
+        t0 = time.perf_counter()
         try:
             try:
                 v = loader()
+                c.m.observe_load(time.perf_counter() - t0)
             except Exception:
+                c.m.observe_load(time.perf_counter() - t0)
                 if served_stale:
                     c.m.fail_safe += 1
                 c.m.load_errors += 1
