@@ -160,8 +160,8 @@ def test_a_silent_server_is_noticed_by_ping(start_server, protocol):
     async def main():
         a = AsyncTierCache(redis.asyncio.Redis(port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
         assert await a.connect()
-        srv.client().execute_command("CLIENT", "PAUSE", 3000, "ALL")
-        deadline = time.monotonic() + 2.5
+        srv.client().execute_command("CLIENT", "PAUSE", 20000, "ALL")  # the server is stopped after the test
+        deadline = time.monotonic() + 15
         while (c._core.tracking or a._core.tracking) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         result = (c._core.tracking, a._core.tracking)
