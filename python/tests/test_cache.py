@@ -175,3 +175,16 @@ def test_wait_for_helper_is_bounded():
 def test_close_is_idempotent_enough(server):
     c = TierCache(server.client(), registry=None)
     c.close()
+
+
+def test_raw_values_through_the_lease_path_and_lz4(make_cache, r):
+    a = make_cache()
+    payload = b"<tr><td>row</td></tr>" * 200
+    assert a.get_or_load("page", lambda: payload, raw=True) == payload
+    m = meta(r, "t:v1:page")
+    assert m[b"encoding"] == b"lz4" and m[b"size"] == len(payload)
+    b = make_cache()
+    assert b.get_or_load("page", lambda: pytest.fail("must be a hit"), raw=True) == payload
+    assert b.get("page", raw=True) == payload
+    with pytest.raises(Exception, match="raw=True needs bytes"):
+        a.set("x", "not bytes", raw=True)
