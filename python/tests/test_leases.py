@@ -258,3 +258,26 @@ def test_lease_connection_is_kept_until_the_fill(make_cache, r):
     t.join(10)
     assert stats(r)["leases"] == 0
     assert len(a._lease_pool) == 1
+
+
+def test_more_concurrent_fills_than_pooled_connections(make_cache, r):
+    """Every lease stays with its connection until its fill, however many are in flight: 24 concurrent
+    misses of distinct keys (the idle pool keeps 16 connections) all fill, none is fenced."""
+    c = make_cache()
+    n = 24
+    gate = threading.Barrier(n, timeout=20)
+
+    def load(i):
+        gate.wait()  # every loader holds its lease at the same time
+        return i
+
+    out = []
+    ts = [threading.Thread(target=lambda i=i: out.append(c.get_or_load(f"k{i}", lambda: load(i)))) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    assert sorted(out) == list(range(n))
+    assert c.stats()["fenced"] == 0
+    assert sum(r.exists(f"t:v1:k{i}") for i in range(n)) == n
+    assert len(c._lease_pool) == 16
