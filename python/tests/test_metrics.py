@@ -1,0 +1,59 @@
+"""Metric names are the Rust client's (client/src/metrics.rs), exported through prometheus_client."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from tiercache._metrics import COUNTERS, GAUGES
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def rust_names():
+    src = (REPO / "client" / "src" / "metrics.rs").read_text()
+    block = src[src.index("counters! {"):]
+    counters = re.findall(r"^\s+(\w+): \"", block, re.M)
+    gauges = re.findall(r'\("(\w+)", "', src)
+    return counters, gauges
+
+
+def test_same_names_as_the_rust_client():
+    counters, gauges = rust_names()
+    assert [n for n, _ in COUNTERS] == counters
+    assert [n for n, _ in GAUGES] == gauges
+
+
+def test_prometheus_export_and_stats(make_cache, r):
+    reg = CollectorRegistry()
+    a = make_cache(registry=reg)
+    b = make_cache(registry=reg, metric_labels={"cache": "b"})
+    a.get_or_load("k", lambda: 1)
+    a.get_or_load("k", lambda: 1)
+    b.get_or_load("k", lambda: 1)
+    text = generate_latest(reg).decode()
+    assert 'tiercache_client_l1_hits_total{cache=""} 1.0' in text
+    assert 'tiercache_client_l2_hits_total{cache="b"} 1.0' in text
+    assert 'tiercache_client_loads_total{cache=""} 1.0' in text
+    assert "# TYPE tiercache_client_l1_entries gauge" in text
+    assert 'tiercache_client_degraded{cache=""} 0.0' in text
+    counters, gauges = rust_names()
+    for n in counters:
+        assert f"tiercache_client_{n}_total" in text
+    for n in gauges:
+        assert f"tiercache_client_{n}" in text
+    s = a.stats()
+    assert set(s) == set(counters) | set(gauges)
+    # Python-only: a histogram of loader durations.
+    assert 'tiercache_client_load_duration_seconds_count{cache=""} 1.0' in text
+    assert 'tiercache_client_load_duration_seconds_bucket{cache="b",le="+Inf"} 0.0' in text
+
+
+def test_without_labels(make_cache):
+    reg = CollectorRegistry()
+    a = make_cache(registry=reg)
+    a.set("k", 1)
+    a.get("k")
+    assert "tiercache_client_l1_hits_total 1.0" in generate_latest(reg).decode()
