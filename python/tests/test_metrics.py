@@ -57,3 +57,22 @@ def test_without_labels(make_cache):
     a.set("k", 1)
     a.get("k")
     assert "tiercache_client_l1_hits_total 1.0" in generate_latest(reg).decode()
+
+
+def test_a_refused_fill_is_counted_logged_and_released(make_cache, r, caplog):
+    """A fill Redis refuses for a reason other than fencing (here: too many tags) returns the value to the
+    caller, caches nothing, counts fill_errors, logs a warning and gives the lease back with PASS."""
+    c = make_cache()
+    old = r.config_get("tiercache.max-tags")["tiercache.max-tags"]
+    r.config_set("tiercache.max-tags", 1)
+    try:
+        with caplog.at_level("WARNING", logger="tiercache"):
+            assert c.get_or_load("refused", lambda: "v", tags=["t1", "t2"]) == "v"
+    finally:
+        r.config_set("tiercache.max-tags", old)
+    assert c.stats()["fill_errors"] == 1
+    assert any("too many tags" in rec.getMessage() for rec in caplog.records), caplog.records
+    st = dict(zip(*[iter(r.execute_command("TIERCACHE.STATS"))] * 2)) if r.get_connection_kwargs().get("protocol") in (None, 2) else r.execute_command("TIERCACHE.STATS")
+    passes = st.get(b"passes", st.get("passes"))
+    leases = st.get(b"leases", st.get("leases"))
+    assert leases == 0 and passes >= 1, st

@@ -25,6 +25,7 @@ COUNTERS: Tuple[Tuple[str, str], ...] = (
     ("coalesced_local", "Reads that waited for another task of this process loading the same key."),
     ("coalesced_server", "Reads parked in Redis and answered by another client's fill."),
     ("fenced", "Fills refused by Redis because the key or a tag changed while loading."),
+    ("fill_errors", "Fills refused by Redis for another reason than fencing (OOM, too many tags...): the value is returned, not cached."),
     ("fail_safe", "Stale values served because the loader failed."),
     ("redis_errors", "Redis calls that failed or timed out."),
     ("degraded_loads", "Loads done without Redis while it was unreachable."),
@@ -59,6 +60,7 @@ class Metrics:
         self.coalesced_local = 0
         self.coalesced_server = 0
         self.fenced = 0
+        self.fill_errors = 0
         self.fail_safe = 0
         self.redis_errors = 0
         self.degraded_loads = 0

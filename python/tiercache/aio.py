@@ -4,6 +4,7 @@ event loop."""
 
 from __future__ import annotations
 
+import logging
 import asyncio
 import functools
 import inspect
@@ -27,6 +28,8 @@ from ._errors import (
     TierCacheError,
     map_redis_error,
 )
+
+_log = logging.getLogger("tiercache")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -416,8 +419,12 @@ class AsyncTierCache:
                         c.l1_put(key, value, data, raw, o, ticket)
                     except FencedError:
                         c.m.fenced += 1
-                    except TierCacheError:
-                        await self._release_on(conn, full, token, False)
+                    except TierCacheError as e:
+                        # Refused for another reason (OOM, too many tags...): count it, say it, and let the
+                        # readers parked on this lease load for themselves.
+                        c.m.fill_errors += 1
+                        _log.warning("tiercache: fill of %r refused: %s", full, e)
+                        await self._release_on(conn, full, token, True)
                         conn = None
             elif keep:
                 c.l1_put(key, value, data, raw, o, ticket)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import functools
 import inspect
 import os
@@ -27,6 +28,8 @@ from ._errors import (
     TierCacheError,
     map_redis_error,
 )
+
+_log = logging.getLogger("tiercache")
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -483,8 +486,12 @@ class TierCache:
                     except FencedError:
                         # The key or a tag changed while loading: the value goes to the caller only.
                         c.m.fenced += 1
-                    except TierCacheError:
-                        self._release_on(conn, full, token, False)
+                    except TierCacheError as e:
+                        # Refused for another reason (OOM, too many tags...): count it, say it, and let the
+                        # readers parked on this lease load for themselves.
+                        c.m.fill_errors += 1
+                        _log.warning("tiercache: fill of %r refused: %s", full, e)
+                        self._release_on(conn, full, token, True)
                         conn = None
             elif keep:
                 # Degraded or BUSY: keep L1 useful, but never past an invalidation seen meanwhile (and
