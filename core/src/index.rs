@@ -253,10 +253,9 @@ impl Registry {
                 }
             }
         } else {
-            for set in taken {
-                let n = set.len();
-                self.discard(set, n);
-            }
+            // One piece of garbage for all the sets: 1024 sets just under BIG each would otherwise be
+            // freed here one by one, millions of keys on the main thread.
+            self.discard(taken, count);
         }
         count
     }
@@ -520,5 +519,21 @@ mod tests {
         r.invalidate(0, &[b"u"], true);
         while !r.take_reclaim(1000).is_empty() {}
         assert_eq!(r.take_garbage().len(), 1, "the drained reclaim table");
+    }
+
+    #[test]
+    fn a_replica_frees_many_mid_sized_sets_off_the_main_thread() {
+        // 3 tags of BIG / 2 keys each: none is big, together they are.
+        let mut r = Registry::new();
+        let mut lists = Vec::new();
+        for i in 0..(3 * BIG / 2) {
+            let mut l = TagList::new(&[format!("t{}", i % 3).as_bytes()]);
+            r.attach(0, format!("k{i}").as_bytes(), &mut l);
+            lists.push(l);
+        }
+        assert_eq!(r.invalidate(0, &[b"t0", b"t1", b"t2"], false), 3 * BIG / 2);
+        assert_eq!(r.take_garbage().len(), 1, "the three sets, as one piece of garbage");
+        assert_eq!(r.invalidate(0, &[b"t0"], false), 0);
+        assert!(r.take_garbage().is_empty());
     }
 }
