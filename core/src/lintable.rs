@@ -9,7 +9,8 @@
 //!   allocates at most one chunk and a pop frees at most one. Only the first chunk grows by doubling, up to
 //!   [`CHUNK`] elements; past that, only the directory of chunk pointers (CHUNK times smaller than the
 //!   vector) is ever copied.
-//! - [`LinTable`] is a linear-hashing table (Litwin, 1980): a [`ChunkVec`] of small buckets. It grows one
+//! - [`LinTable`] is a linear-hashing table (Litwin, 1980): small buckets, the first held inline (a table
+//!   of up to [`MAX_LOAD`] elements is one allocation) and the others in a [`ChunkVec`]. It grows one
 //!   bucket at a time, splitting the next bucket in order whenever the element count passes [`MAX_LOAD`]
 //!   per bucket, and shrinks the same way, merging the last bucket back into the one it was split from.
 //!   An insert or a remove touches at most two buckets. Buckets are exact-size boxed slices: no spare
@@ -184,13 +185,16 @@ pub const MAX_LOAD: usize = 4;
 /// same one.
 #[derive(Debug)]
 pub struct LinTable<E> {
+    /// Bucket 0.
+    head: Box<[E]>,
+    /// Buckets 1 and up: bucket `i` is `buckets[i - 1]`.
     buckets: ChunkVec<Box<[E]>>,
     len: usize,
 }
 
 impl<E> Default for LinTable<E> {
     fn default() -> Self {
-        LinTable { buckets: ChunkVec::new(), len: 0 }
+        LinTable { head: Box::default(), buckets: ChunkVec::new(), len: 0 }
     }
 }
 
@@ -235,17 +239,35 @@ impl<E: Keyed> LinTable<E> {
         self.len == 0
     }
 
-    /// Buckets in use (for tests and memory accounting).
+    /// Buckets in use: always at least one (an empty bucket 0 allocates nothing).
     pub fn buckets(&self) -> usize {
-        self.buckets.len()
+        1 + self.buckets.len()
+    }
+
+    #[inline]
+    fn bucket(&self, i: usize) -> Option<&[E]> {
+        if i == 0 {
+            Some(&self.head)
+        } else {
+            self.buckets.get(i - 1).map(|b| &b[..])
+        }
+    }
+
+    #[inline]
+    fn bucket_mut(&mut self, i: usize) -> Option<&mut Box<[E]>> {
+        if i == 0 {
+            Some(&mut self.head)
+        } else {
+            self.buckets.get_mut(i - 1)
+        }
     }
 
     fn find(&self, h: &Hashing, key: &[u8]) -> Option<(usize, usize)> {
-        if self.buckets.is_empty() {
+        if self.len == 0 {
             return None;
         }
-        let b = bucket_of(h.hash(key), self.buckets.len());
-        let bucket = self.buckets.get(b)?;
+        let b = bucket_of(h.hash(key), self.buckets());
+        let bucket = self.bucket(b)?;
         let at = bucket.iter().position(|e| e.key() == key);
         h.step(at.map_or(bucket.len(), |p| p + 1));
         Some((b, at?))
@@ -253,7 +275,7 @@ impl<E: Keyed> LinTable<E> {
 
     pub fn get(&self, h: &Hashing, key: &[u8]) -> Option<&E> {
         let (b, at) = self.find(h, key)?;
-        self.buckets.get(b)?.get(at)
+        self.bucket(b)?.get(at)
     }
 
     pub fn contains(&self, h: &Hashing, key: &[u8]) -> bool {
@@ -263,18 +285,15 @@ impl<E: Keyed> LinTable<E> {
     /// Inserts `make()` unless an element with `key` is present (then `make` is not called). Returns true
     /// when it inserted.
     pub fn insert_with(&mut self, h: &Hashing, key: &[u8], make: impl FnOnce() -> E) -> bool {
-        if self.buckets.is_empty() {
-            self.buckets.push(Box::default());
-        }
-        let b = bucket_of(h.hash(key), self.buckets.len());
-        let Some(bucket) = self.buckets.get_mut(b) else { return false };
+        let b = bucket_of(h.hash(key), self.buckets());
+        let Some(bucket) = self.bucket_mut(b) else { return false };
         h.step(bucket.len());
         if bucket.iter().any(|e| e.key() == key) {
             return false;
         }
         push_into(bucket, make());
         self.len += 1;
-        if self.len > MAX_LOAD * self.buckets.len() {
+        if self.len > MAX_LOAD * self.buckets() {
             self.split(h);
         }
         true
@@ -283,15 +302,15 @@ impl<E: Keyed> LinTable<E> {
     /// Removes and returns the element with `key`.
     pub fn remove(&mut self, h: &Hashing, key: &[u8]) -> Option<E> {
         let (b, at) = self.find(h, key)?;
-        let bucket = self.buckets.get_mut(b)?;
+        let bucket = self.bucket_mut(b)?;
         let mut v = std::mem::take(bucket).into_vec();
         let e = v.swap_remove(at);
         *bucket = v.into_boxed_slice();
         self.len -= 1;
         if self.len == 0 {
             // At most a couple of empty buckets are left: free them now.
-            self.buckets = ChunkVec::new();
-        } else if self.buckets.len() > 1 && self.len * 2 < MAX_LOAD * self.buckets.len() {
+            *self = LinTable::default();
+        } else if self.buckets() > 1 && self.len * 2 < MAX_LOAD * self.buckets() {
             self.merge(h);
         }
         Some(e)
@@ -300,10 +319,10 @@ impl<E: Keyed> LinTable<E> {
     /// Adds bucket `j` (the current count) and moves into it the elements of its buddy that now belong to
     /// it.
     fn split(&mut self, h: &Hashing) {
-        let j = self.buckets.len();
+        let j = self.buckets();
         let n = j + 1;
         let from = buddy_of(j);
-        let Some(bucket) = self.buckets.get_mut(from) else { return };
+        let Some(bucket) = self.bucket_mut(from) else { return };
         let old = std::mem::take(bucket).into_vec();
         h.step(old.len());
         let (stay, go): (Vec<E>, Vec<E>) = old.into_iter().partition(|e| bucket_of(h.hash(e.key()), n) == from);
@@ -314,8 +333,8 @@ impl<E: Keyed> LinTable<E> {
     /// Removes the last bucket and puts its elements back into its buddy.
     fn merge(&mut self, h: &Hashing) {
         let Some(last) = self.buckets.pop() else { return };
-        let into = buddy_of(self.buckets.len());
-        let Some(bucket) = self.buckets.get_mut(into) else { return };
+        let into = buddy_of(self.buckets());
+        let Some(bucket) = self.bucket_mut(into) else { return };
         h.step(last.len() + bucket.len());
         if !last.is_empty() {
             let mut v = std::mem::take(bucket).into_vec();
@@ -325,7 +344,7 @@ impl<E: Keyed> LinTable<E> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &E> {
-        self.buckets.iter().flat_map(|b| b.iter())
+        self.head.iter().chain(self.buckets.iter().flat_map(|b| b.iter()))
     }
 }
 
@@ -353,7 +372,12 @@ impl<E> Iterator for Drain<E> {
                 self.table.len -= 1;
                 return Some(e);
             }
-            self.current = self.table.buckets.pop()?.into_vec().into_iter();
+            let next = match self.table.buckets.pop() {
+                Some(b) => b,
+                None if !self.table.head.is_empty() => std::mem::take(&mut self.table.head),
+                None => return None,
+            };
+            self.current = next.into_vec().into_iter();
         }
     }
 
@@ -390,10 +414,10 @@ mod tests {
 
     /// Every element sits in the bucket its hash names, and the load stays within its bounds.
     fn check_invariants<E: Keyed>(t: &LinTable<E>, h: &Hashing) {
-        let n = t.buckets.len();
+        let n = t.buckets();
         let mut count = 0;
         for i in 0..n {
-            for e in t.buckets.get(i).unwrap().iter() {
+            for e in t.bucket(i).unwrap().iter() {
                 assert_eq!(bucket_of(h.hash(e.key()), n), i, "element in the wrong bucket");
                 count += 1;
             }
@@ -535,7 +559,7 @@ mod tests {
         }
         assert!(worst_remove <= 96, "worst remove touched {worst_remove} elements");
         assert!(t.is_empty());
-        assert_eq!(t.buckets(), 0, "an emptied table holds no buckets");
+        assert!(t.buckets() == 1 && t.head.is_empty() && t.buckets.is_empty(), "an emptied table holds nothing");
     }
 
     #[test]
@@ -585,7 +609,7 @@ mod tests {
         let mut t: LinTable<Box<[u8]>> = LinTable::new();
         assert!(!t.contains(&h, b""));
         assert!(t.remove(&h, b"x").is_none());
-        assert_eq!(t.buckets(), 0, "no allocation until the first insert");
+        assert!(t.head.is_empty() && t.buckets.is_empty(), "no allocation until the first insert");
         for k in [&b""[..], b"\0", b"\0\0", b"\xff", b"a\0b"] {
             assert!(t.insert_with(&h, k, || k.into()));
             assert!(!t.insert_with(&h, k, || panic!("not called for a present key")));
