@@ -52,6 +52,10 @@ pub static PASSES: Counter = Counter::new();
 pub static FENCED: Counter = Counter::new();
 pub static EARLY_REFRESHES: Counter = Counter::new();
 pub static RECLAIM_MAX_TICK_US: Counter = Counter::new();
+/// The longest single tag-index operation on the main thread, in µs, and the most table elements one
+/// touched (see `tagindex::timed`).
+pub static INDEX_LONGEST_OP_US: Counter = Counter::new();
+pub static INDEX_LONGEST_OP_STEPS: Counter = Counter::new();
 
 static ENTRIES: AtomicI64 = AtomicI64::new(0);
 static COMPRESSED: AtomicI64 = AtomicI64::new(0);
@@ -78,7 +82,7 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 28] {
+pub fn fields() -> [(&'static str, Value<'static>); 30] {
     let index = crate::tagindex::index_stats();
     let (leases, waiting, timers) = crate::leases::stats();
     [
@@ -91,6 +95,8 @@ pub fn fields() -> [(&'static str, Value<'static>); 28] {
         ("sets", Value::Int(SETS.get() as i64)),
         ("tags", Value::Int(index.tags as i64)),
         ("tag_index_entries", Value::Int(index.entries as i64)),
+        ("index_longest_op_us", Value::Int(INDEX_LONGEST_OP_US.get() as i64)),
+        ("index_longest_op_steps", Value::Int(INDEX_LONGEST_OP_STEPS.get() as i64)),
         ("invalidations", Value::Int(INVALIDATIONS.get() as i64)),
         ("invalidation_messages", Value::Int(crate::tagindex::published() as i64)),
         ("reclaim_pending", Value::Int(index.reclaim_pending as i64)),

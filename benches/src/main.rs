@@ -1,13 +1,15 @@
 //! Small measuring tools for the scripts in `scripts/`:
 //!
-//! - `probe PORT MILLIS`: sends PING on one connection back to back for MILLIS ms and prints the number of
-//!   round trips, the median, p99.9 and the longest one in microseconds — the longest stall another client
-//!   saw while something else ran on the server.
+//! - `probe PORT MILLIS [STOPFILE]`: sends PING on one connection back to back for MILLIS ms (or until
+//!   STOPFILE exists) and prints the number of round trips, the median, p99.9 and the longest one in
+//!   microseconds — the longest stall another client saw while something else ran on the server.
 //! - `time PORT REPEAT CMD [ARG...]`: runs a command REPEAT times and prints the median and max latency in
 //!   microseconds.
 //! - `fill PORT N PREFIX TAG [TAG...]`: writes N entries `PREFIX<i>` with a 100-byte value and the given tags,
 //!   pipelined 1000 at a time (use `-` as the only tag for untagged entries; `@set` writes native SET plus
-//!   SADD into a set named by the second argument, the peers' tag index).
+//!   SADD into a set named by the second argument, the peers' tag index). A tag `NAME{K%M}` is written as
+//!   NAME followed by (i + K) mod M for entry i: `t{0%1024} t{1%1024}` puts entry i under two neighbouring
+//!   tags of 1024.
 //! - `wait-reclaim PORT`: waits until TIERCACHE.STATS shows reclaim_pending 0 and prints how long it took.
 //! - `stampede PORT MODE N KEY LOAD_MS`: N threads miss KEY at the same moment; each must end with the
 //!   value, loading it from a simulated database (LOAD_MS of work, counted in Redis with INCR on
@@ -94,14 +96,29 @@ fn stampede_one(c: &mut redis::Connection, mode: &str, key: &str, load_ms: u64) 
     trips
 }
 
+/// The tag `t` of entry `i`: `NAME{K%M}` becomes NAME followed by (i + K) mod M; anything else is as is.
+fn tag_of(t: &str, i: usize) -> String {
+    let Some(open) = t.find('{').filter(|_| t.ends_with('}')) else { return t.to_string() };
+    let spec = &t[open + 1..t.len() - 1];
+    let Some((k, m)) = spec.split_once('%') else { return t.to_string() };
+    let (k, m): (usize, usize) = (k.parse().expect("tag offset"), m.parse().expect("tag modulus"));
+    format!("{}{}", &t[..open], (i + k) % m.max(1))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("probe") => {
             let mut c = conn(&args[2]);
             let until = Instant::now() + Duration::from_millis(args[3].parse().expect("millis"));
+            let stop = args.get(4).map(std::path::PathBuf::from);
             let mut lat = Vec::new();
+            let mut n = 0u32;
             while Instant::now() < until {
+                n = n.wrapping_add(1);
+                if n % 256 == 0 && stop.as_ref().is_some_and(|f| f.exists()) {
+                    break;
+                }
                 let t = Instant::now();
                 let _: String = redis::cmd("PING").query(&mut c).expect("ping");
                 lat.push(t.elapsed().as_micros());
@@ -151,6 +168,7 @@ fn main() {
                         let mut cmd = redis::cmd("TIERCACHE.SET");
                         cmd.arg(&key).arg(&value[..]);
                         if tags.first().map(String::as_str) != Some("-") {
+                            let tags: Vec<String> = tags.iter().map(|t| tag_of(t, j)).collect();
                             cmd.arg("TAGS").arg(tags.len()).arg(tags);
                         }
                         p.add_command(cmd).ignore();
@@ -199,7 +217,7 @@ fn main() {
             println!("callers={} round_trips_mean={:.2} round_trips_max={}", trips.len(), mean, trips.iter().max().copied().unwrap_or(0));
         }
         _ => {
-            eprintln!("usage: tiercache-bench probe PORT MILLIS | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG... | wait-reclaim PORT | stampede PORT none|lock|lease N KEY LOAD_MS");
+            eprintln!("usage: tiercache-bench probe PORT MILLIS [STOPFILE] | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG... | wait-reclaim PORT | stampede PORT none|lock|lease N KEY LOAD_MS");
             std::process::exit(2);
         }
     }

@@ -6,18 +6,22 @@
 //! queue, which is drained a bounded number of keys at a time. A tag that comes back gets a new slot with
 //! a new epoch from a counter that never repeats, so old entries can never match it again.
 //!
+//! No operation's cost grows with the size of a structure: key sets and the tag-name maps are
+//! [`LinTable`]s (grown and shrunk one bucket at a time), slots and the free list are [`ChunkVec`]s (never
+//! moved), and the reclaim queue drains a set bucket by bucket. Large structures that are dropped whole
+//! (a replica's invalidated key sets, flushed databases) are handed out as [`Garbage`].
+//!
 //! An entry's tag list records, per tag, the epoch it was attached under (or PENDING / DEAD, see `tags`).
 //! The index never holds pointers to entries, only key names, so a value Redis frees without telling us
 //! cannot leave a dangling reference.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 
-use ahash::RandomState;
-
+use crate::lintable::{ChunkVec, Drain, Hashing, LinTable};
 use crate::tags::{TagList, DEAD, PENDING};
 
 type Key = Box<[u8]>;
-type KeySet = HashSet<Key, RandomState>;
+type KeySet = LinTable<Key>;
 
 /// Something large the index no longer needs, to be dropped off the caller's thread.
 pub type Garbage = Box<dyn std::any::Any + Send>;
@@ -26,7 +30,7 @@ pub type Garbage = Box<dyn std::any::Any + Send>;
 /// (freeing a table of a million keys takes milliseconds).
 pub const BIG: usize = 4096;
 
-/// One tag of one database. Slots live in one vector and are numbered; a freed slot gets epoch 0 and
+/// One tag of one database. Slots live in one chunked vector and are numbered; a freed slot gets epoch 0 and
 /// its number is reused with a new epoch, so an entry holding an old (slot, epoch) pair never matches.
 #[derive(Debug, Default)]
 struct Slot {
@@ -37,9 +41,10 @@ struct Slot {
 /// The index of one database: tag name -> slot number, and the reclaim queue.
 #[derive(Debug, Default)]
 struct DbIndex {
-    by_name: HashMap<Key, u32, RandomState>,
+    by_name: LinTable<(Key, u32)>,
     /// Key sets taken out by invalidations (with their original size), drained a few keys at a time.
-    queue: VecDeque<(std::collections::hash_set::IntoIter<Key>, usize)>,
+    /// Boxed, so that the deque itself stays small when many sets are queued.
+    queue: VecDeque<Box<(Drain<Key>, usize)>>,
     queued: usize,
     members: usize,
 }
@@ -56,11 +61,13 @@ pub enum Attach {
 /// The whole index.
 #[derive(Debug, Default)]
 pub struct Registry {
-    slots: Vec<Slot>,
-    free: Vec<u32>,
+    slots: ChunkVec<Slot>,
+    free: ChunkVec<u32>,
     dbs: Vec<DbIndex>,
     last_epoch: u64,
     garbage: Vec<Garbage>,
+    /// The hasher of every table, and the count of elements the table operations touched.
+    hash: Hashing,
 }
 
 /// Gauges for INFO.
@@ -97,7 +104,9 @@ impl Registry {
         let epoch = self.last_epoch;
         match self.free.pop() {
             Some(id) => {
-                self.slots[id as usize].epoch = epoch;
+                if let Some(slot) = self.slots.get_mut(id as usize) {
+                    slot.epoch = epoch;
+                }
                 id
             }
             None => {
@@ -121,10 +130,17 @@ impl Registry {
 
     /// Frees a slot; returns its keys.
     fn release(&mut self, id: u32) -> KeySet {
-        let slot = &mut self.slots[id as usize];
+        let Some(slot) = self.slots.get_mut(id as usize) else { return KeySet::default() };
         slot.epoch = 0;
+        let keys = std::mem::take(&mut slot.keys);
         self.free.push(id);
-        std::mem::take(&mut slot.keys)
+        keys
+    }
+
+    /// Elements compared or moved by the table operations since the last call: the work of one index
+    /// operation, which depends on the tags it names and not on how many keys they have.
+    pub fn take_steps(&self) -> u64 {
+        self.hash.take_steps()
     }
 
     /// True when every tag of the entry still has the epoch the entry was attached under. One array
@@ -149,23 +165,28 @@ impl Registry {
         }
         if tags.refs().all(|r| r.epoch == PENDING) {
             tags.set_refs(|r| {
-                let id = match self.dbs.get(db).and_then(|d| d.by_name.get(r.name)) {
-                    Some(&id) => id,
+                let id = match self.dbs.get(db).and_then(|d| d.by_name.get(&self.hash, r.name)) {
+                    Some(&(_, id)) => id,
                     None => {
                         let id = self.new_slot();
-                        self.db_mut(db).by_name.insert(Key::from(r.name), id);
+                        self.db_mut(db);
+                        if let Some(index) = self.dbs.get_mut(db) {
+                            index.by_name.insert_with(&self.hash, r.name, || (Key::from(r.name), id));
+                        }
                         id
                     }
                 };
-                (self.slots[id as usize].epoch, id)
+                (self.slots.get(id as usize).map_or(DEAD, |s| s.epoch), id)
             });
         } else if !self.is_valid(tags) {
             return Attach::Dead;
         }
         let mut added = 0;
         for r in tags.refs() {
-            if self.slots[r.slot as usize].keys.insert(Key::from(key)) {
-                added += 1;
+            if let Some(slot) = self.slots.get_mut(r.slot as usize) {
+                if slot.keys.insert_with(&self.hash, key, || Key::from(key)) {
+                    added += 1;
+                }
             }
         }
         self.db_mut(db).members += added;
@@ -187,19 +208,20 @@ impl Registry {
                 all_attached &= r.epoch == PENDING;
                 return (r.epoch, r.slot);
             }
-            let slot = &mut self.slots[r.slot as usize];
-            if slot.keys.remove(key) {
-                removed += 1;
-            }
-            if slot.keys.is_empty() {
-                emptied.push((r.slot, Key::from(r.name)));
+            if let Some(slot) = self.slots.get_mut(r.slot as usize) {
+                if slot.keys.remove(&self.hash, key).is_some() {
+                    removed += 1;
+                }
+                if slot.keys.is_empty() {
+                    emptied.push((r.slot, Key::from(r.name)));
+                }
             }
             (PENDING, 0)
         });
         if let Some(index) = self.dbs.get_mut(db) {
             index.members = index.members.saturating_sub(removed);
             for (_, name) in &emptied {
-                index.by_name.remove(name);
+                index.by_name.remove(&self.hash, name);
             }
         }
         for (id, _) in emptied {
@@ -210,43 +232,42 @@ impl Registry {
         }
     }
 
-    /// Invalidates tags in `db`: returns how many distinct live entries carried any of them. With
-    /// `queue`, their keys are queued for reclaim; otherwise (replicas) the key sets are dropped.
+    /// Invalidates tags in `db`. Returns the sum, over the distinct tags named, of the live entries
+    /// indexed under each: an entry carrying two of the tags counts twice. That is O(1) per tag (the size
+    /// of each key set), where counting distinct entries would look every key up in the other sets. With
+    /// `queue`, the keys are queued for reclaim; otherwise (replicas) the key sets are dropped.
     pub fn invalidate(&mut self, db: usize, tags: &[&[u8]], queue: bool) -> usize {
-        let ids: Vec<u32> = tags.iter().filter_map(|t| self.db_mut(db).by_name.remove(*t)).collect();
-        let mut taken: Vec<KeySet> = ids.into_iter().map(|id| self.release(id)).collect();
-        let index = self.db_mut(db);
-        index.members -= taken.iter().map(KeySet::len).sum::<usize>();
-        // Distinct keys: the largest set counts whole, the others only for keys it lacks.
-        taken.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        let mut count = 0;
-        for (i, set) in taken.iter().enumerate() {
-            count += if i == 0 { set.len() } else { set.iter().filter(|k| !taken[..i].iter().any(|s| s.contains(*k))).count() };
-        }
+        self.db_mut(db);
+        let Some(index) = self.dbs.get_mut(db) else { return 0 };
+        let ids: Vec<u32> = tags.iter().filter_map(|t| index.by_name.remove(&self.hash, t)).map(|(_, id)| id).collect();
+        let taken: Vec<KeySet> = ids.into_iter().map(|id| self.release(id)).collect();
+        let count: usize = taken.iter().map(KeySet::len).sum();
+        let Some(index) = self.dbs.get_mut(db) else { return count };
+        index.members = index.members.saturating_sub(count);
         if queue {
             for set in taken {
                 if !set.is_empty() {
                     index.queued += set.len();
                     let n = set.len();
-                    index.queue.push_back((set.into_iter(), n));
+                    index.queue.push_back(Box::new((set.into_iter(), n)));
                 }
             }
         } else {
-            for set in taken {
-                let n = set.len();
-                self.discard(set, n);
-            }
+            // One piece of garbage for all the sets: 1024 sets just under BIG each would otherwise be
+            // freed here one by one, millions of keys on the main thread.
+            self.discard(taken, count);
         }
         count
     }
 
     /// Queues one key for reclaim (a dead entry found on load).
     pub fn queue_key(&mut self, db: usize, key: &[u8]) {
-        let index = self.db_mut(db);
+        self.db_mut(db);
+        let Some(index) = self.dbs.get_mut(db) else { return };
         let mut one = KeySet::default();
-        one.insert(Key::from(key));
+        one.insert_with(&self.hash, key, || Key::from(key));
         index.queued += 1;
-        index.queue.push_back((one.into_iter(), 1));
+        index.queue.push_back(Box::new((one.into_iter(), 1)));
     }
 
     /// Takes up to `budget` queued keys, oldest invalidation first, as `(db, key)`.
@@ -255,8 +276,8 @@ impl Registry {
         let mut spent = Vec::new();
         for (db, index) in self.dbs.iter_mut().enumerate() {
             while out.len() < budget {
-                let Some((front, _)) = index.queue.front_mut() else { break };
-                match front.next() {
+                let Some(front) = index.queue.front_mut() else { break };
+                match front.0.next() {
                     Some(key) => {
                         index.queued -= 1;
                         out.push((db, key));
@@ -265,12 +286,13 @@ impl Registry {
                 }
             }
             // Release exhausted iterators (and their tables) promptly.
-            while index.queue.front().is_some_and(|(it, _)| it.len() == 0) {
+            while index.queue.front().is_some_and(|f| f.0.len() == 0) {
                 spent.extend(index.queue.pop_front());
             }
         }
-        for (it, n) in spent {
-            self.discard(it, n);
+        for spent in spent {
+            let n = spent.1;
+            self.discard(spent, n);
         }
         out
     }
@@ -280,7 +302,7 @@ impl Registry {
     }
 
     fn slot_of(&self, db: usize, tag: &[u8]) -> Option<&Slot> {
-        self.dbs.get(db)?.by_name.get(tag).map(|&id| &self.slots[id as usize])
+        self.dbs.get(db)?.by_name.get(&self.hash, tag).and_then(|&(_, id)| self.slots.get(id as usize))
     }
 
     /// Live entries carrying `tag` in `db`.
@@ -301,14 +323,15 @@ impl Registry {
                 let old = std::mem::take(index);
                 let mut size = old.queued + old.by_name.len();
                 let mut sets = Vec::with_capacity(old.by_name.len());
-                for &id in old.by_name.values() {
-                    size += self.slots[id as usize].keys.len();
-                    sets.push(self.release(id));
+                for &(_, id) in old.by_name.iter() {
+                    let set = self.release(id);
+                    size += set.len();
+                    sets.push(set);
                 }
                 self.discard((old, sets), size);
             }
             None => {
-                let size = self.slots.iter().map(|s| s.keys.len()).sum::<usize>() + self.reclaim_pending();
+                let size = self.stats().entries + self.slots.len() + self.reclaim_pending();
                 let old = (std::mem::take(&mut self.dbs), std::mem::take(&mut self.slots), std::mem::take(&mut self.free));
                 self.discard(old, size);
             }
@@ -380,13 +403,14 @@ mod tests {
     }
 
     #[test]
-    fn invalidate_counts_distinct_entries_and_drains_in_budgets() {
+    fn invalidate_counts_per_tag_and_drains_in_budgets() {
         let mut r = Registry::new();
         let mut lists: Vec<TagList> = (0..10).map(|i| if i % 2 == 0 { tl(&["x", "y"]) } else { tl(&["x"]) }).collect();
         for (i, l) in lists.iter_mut().enumerate() {
             r.attach(0, format!("k{i}").as_bytes(), l);
         }
-        assert_eq!(r.invalidate(0, &[b"y", b"x", b"nope"], true), 10);
+        // x has 10 entries, y 5 (all also under x): the sum is 15, not the 10 distinct entries.
+        assert_eq!(r.invalidate(0, &[b"y", b"x", b"nope", b"x"], true), 15);
         assert_eq!(r.stats().entries, 0);
         assert_eq!(r.stats().tags, 0);
         let mut seen = 0;
@@ -438,6 +462,48 @@ mod tests {
     }
 
     #[test]
+    fn work_per_operation_does_not_grow_with_the_index() {
+        // 256 tags x 200 entries, each entry under two neighbouring tags, plus one tag on every entry (the
+        // namespace tag a client puts on every key): 51,200 keys under one tag.
+        let mut r = Registry::new();
+        let tags: Vec<Vec<u8>> = (0..256).map(|t| format!("t{t}").into_bytes()).collect();
+        let mut lists = Vec::new();
+        let mut worst_attach = 0;
+        for i in 0..256 * 200usize {
+            let (a, b) = (i % 256, (i + 1) % 256);
+            let mut l = TagList::new(&[&tags[a][..], &tags[b][..], b"ns"]);
+            r.take_steps();
+            assert_eq!(r.attach(0, format!("k{i}").as_bytes(), &mut l), Attach::Live);
+            worst_attach = worst_attach.max(r.take_steps());
+            lists.push(l);
+        }
+        assert!(worst_attach <= 3 * 64, "one attach of 3 tags touched {worst_attach} elements");
+        assert_eq!(r.tag_count(0, b"ns"), 256 * 200);
+        let sum: usize = tags.iter().map(|t| r.tag_count(0, t)).sum();
+        assert_eq!(sum, 2 * 256 * 200, "each entry is under two of the 256 tags");
+
+        // One INVALIDATE of all 256 tags: the reply is the per-tag sum (each entry twice), and the work is
+        // a few name lookups per tag, not a walk over the 102,400 keys.
+        let names: Vec<&[u8]> = tags.iter().map(|t| &t[..]).collect();
+        r.take_steps();
+        assert_eq!(r.invalidate(0, &names, true), 2 * 256 * 200);
+        let steps = r.take_steps();
+        assert!(steps <= 32 * 256, "INVALIDATE of 256 tags touched {steps} elements");
+        assert!(lists.iter().all(|l| !r.is_valid(l)));
+        assert_eq!(r.reclaim_pending(), 2 * 256 * 200);
+
+        // Detaching an entry from the giant set is as cheap as from a small one.
+        let mut worst_detach = 0;
+        for (i, l) in lists.iter_mut().enumerate().take(1000) {
+            r.take_steps();
+            r.detach(0, format!("k{i}").as_bytes(), l);
+            worst_detach = worst_detach.max(r.take_steps());
+        }
+        assert!(worst_detach <= 3 * 96, "one detach touched {worst_detach} elements");
+        assert_eq!(r.tag_count(0, b"ns"), 256 * 200 - 1000);
+    }
+
+    #[test]
     fn big_structures_become_garbage() {
         let mut r = Registry::new();
         let mut lists: Vec<TagList> = (0..BIG + 10).map(|_| tl(&["t"])).collect();
@@ -453,5 +519,21 @@ mod tests {
         r.invalidate(0, &[b"u"], true);
         while !r.take_reclaim(1000).is_empty() {}
         assert_eq!(r.take_garbage().len(), 1, "the drained reclaim table");
+    }
+
+    #[test]
+    fn a_replica_frees_many_mid_sized_sets_off_the_main_thread() {
+        // 3 tags of BIG / 2 keys each: none is big, together they are.
+        let mut r = Registry::new();
+        let mut lists = Vec::new();
+        for i in 0..(3 * BIG / 2) {
+            let mut l = TagList::new(&[format!("t{}", i % 3).as_bytes()]);
+            r.attach(0, format!("k{i}").as_bytes(), &mut l);
+            lists.push(l);
+        }
+        assert_eq!(r.invalidate(0, &[b"t0", b"t1", b"t2"], false), 3 * BIG / 2);
+        assert_eq!(r.take_garbage().len(), 1, "the three sets, as one piece of garbage");
+        assert_eq!(r.invalidate(0, &[b"t0"], false), 0);
+        assert!(r.take_garbage().is_empty());
     }
 }

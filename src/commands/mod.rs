@@ -94,7 +94,7 @@ fn table() -> [Command; 10] {
             arity: -2,
             key: KeyAccess::None,
             summary: c"Invalidates every entry carrying any of the tags; their memory is reclaimed incrementally.",
-            complexity: c"O(T) for T tags, independent of the number of entries (O(M) more to count the distinct entries of all but the largest tag).",
+            complexity: c"O(T) for T tags, independent of the number of entries carrying them.",
         },
         Command {
             name: c"tiercache.tagcount",

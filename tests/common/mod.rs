@@ -64,7 +64,7 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 28] =
+pub const STATS_FIELDS: [&str; 30] =
     [
         "entries",
         "compressed_entries",
@@ -75,6 +75,8 @@ pub const STATS_FIELDS: [&str; 28] =
         "sets",
         "tags",
         "tag_index_entries",
+        "index_longest_op_us",
+        "index_longest_op_steps",
         "invalidations",
         "invalidation_messages",
         "reclaim_pending",

@@ -34,6 +34,8 @@ STATS_FIELDS = [
     "sets",
     "tags",
     "tag_index_entries",
+    "index_longest_op_us",
+    "index_longest_op_steps",
     "invalidations",
     "invalidation_messages",
     "reclaim_pending",
@@ -289,6 +291,8 @@ DEFAULT_INVALIDATION_CHANNEL = b"tiercache:invalidations"
 
 
 def tc_invalidate(r: redis.Redis, *tags):
+    """TIERCACHE.INVALIDATE: the reply is the sum over the distinct tags of the entries indexed under each
+    (an entry under two of the tags counts twice), not the number of distinct entries."""
     return r.execute_command("TIERCACHE.INVALIDATE", *tags)
 
 
