@@ -598,8 +598,9 @@ impl TierCache {
             }
             (b"HIT", None, _) | (b"STALE", None, _) => Err(Error::Codec("unreadable value from Redis".into())),
             (b"PASS", _, _) => {
+                // The loader that held the lease said the value is not to be cached: load, keep nothing.
                 metrics::bump(&i.metrics.l2_misses);
-                self.run_loader(full, opts, loader, None, epoch).await
+                self.run_loader_inner(full, opts, loader, None, epoch, false, false).await
             }
             _ => {
                 // BUSY at the wait deadline: load without caching rather than fail.
@@ -620,7 +621,7 @@ impl TierCache {
         tokio::spawn(async move {
             let ticket = me.inner.ticket(&full, &opts);
             // A failure counts as a fail-safe serve: the stale value already served stands in for it.
-            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, true).await;
+            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, true, true).await;
         });
     }
 
@@ -637,12 +638,12 @@ impl TierCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run_loader_inner(full, opts, loader, lease, epoch, false).await
+        self.run_loader_inner(full, opts, loader, lease, epoch, false, true).await
     }
 
     /// Runs `loader`; with a lease, then stores its value in Redis (`SET ... LEASE`) and L1, or gives
-    /// the lease back (on the lease's own connection) if it failed. Without one (Redis down, `PASS`,
-    /// `BUSY`), the value goes to L1 only.
+    /// the lease back (on the lease's own connection) if it failed. Without one (Redis down, `BUSY`),
+    /// the value goes to L1 only, and after `PASS` (`keep_l1` false) nowhere.
     async fn run_loader_inner<T, E, F, Fut>(
         &self,
         full: &str,
@@ -651,6 +652,7 @@ impl TierCache {
         lease: Option<Lease>,
         epoch: Ticket,
         served_stale: bool,
+        keep_l1: bool,
     ) -> Result<T, Error<E>>
     where
         T: CacheValue,
@@ -687,8 +689,10 @@ impl TierCache {
         };
         let raw = encode(&v).map_err(Error::Codec)?;
         let Some(mut lease) = lease else {
-            // Degraded or passed: keep L1 useful, but never past an invalidation seen meanwhile.
-            i.l1_put(full, raw.into(), opts, epoch);
+            // Degraded or BUSY: keep L1 useful, but never past an invalidation seen meanwhile.
+            if keep_l1 {
+                i.l1_put(full, raw.into(), opts, epoch);
+            }
             return Ok(v);
         };
         if i.circuit_open() {

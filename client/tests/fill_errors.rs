@@ -124,4 +124,16 @@ async fn a_refused_fill_is_counted_logged_and_its_value_returned() {
     assert!(warned[0].contains("too many tags"), "the server's error in the event: {warned:?}");
     // Last, so that everything above is checked first: the counter.
     assert_eq!(ma.fill_errors, 1, "fill_errors after a fill refused with too many tags: {ma:?}");
+
+    // B was answered PASS: the value it loaded is cached nowhere, not even in its own L1, so a second
+    // read loads again.
+    let runs = b_runs.clone();
+    let again = b
+        .get_or_load("k", &o, move || async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>("again".to_string())
+        })
+        .await;
+    assert_eq!(again.expect("B's second load"), "again");
+    assert_eq!(b_runs.load(Ordering::SeqCst), 2, "after PASS nothing may be kept in L1");
 }

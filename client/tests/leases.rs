@@ -121,7 +121,7 @@ async fn sixty_four_concurrent_misses_load_each_key_once() {
     let server = common::Server::start();
     let url = format!("redis://127.0.0.1:{}/", server.port);
     // A long lease: the leases must not end by themselves while the test holds the loaders.
-    let a = TierCache::builder(&url).namespace("lc").lease_timeout(Duration::from_secs(120)).build().await.unwrap();
+    let a = TierCache::builder(&url).namespace("lc").lease_timeout(Duration::from_secs(50)).build().await.unwrap();
     let db = Db::new(KEYS);
     let (open, gate) = watch::channel(false);
     let handles = spawn_misses(&a, &db, KEYS, &gate);
@@ -144,7 +144,7 @@ async fn a_main_connection_timeout_keeps_the_leases() {
     let url = format!("redis://127.0.0.1:{}/", server.port);
     let a = TierCache::builder(&url)
         .namespace("lc")
-        .lease_timeout(Duration::from_secs(120))
+        .lease_timeout(Duration::from_secs(50))
         .op_timeout(Duration::from_millis(300))
         .circuit_breaker(1000, Duration::from_secs(1))
         .build()
