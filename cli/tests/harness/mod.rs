@@ -304,3 +304,108 @@ pub async fn wait_subscribers(conn: &mut crate::common::Conn, n: i64, purger: &m
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `tiercache exporter` on a free loopback port; `args` come before `--listen`.
+pub async fn exporter(dir: &TempDir, args: &[&str]) -> (Proc, u16) {
+    for attempt in 0..5 {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut all: Vec<&str> = vec!["exporter"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--listen", &listen]);
+        let mut proc = tiercache(dir, &format!("exporter-{attempt}"), &all);
+        let url = format!("http://{listen}/metrics");
+        let http = reqwest::Client::new();
+        let up = wait_until(Duration::from_secs(20), || {
+            let req = http.get(&url);
+            async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        if up {
+            return (proc, port);
+        }
+        let log = proc.log_text();
+        if !log.contains("cannot listen") {
+            proc.assert_running();
+            panic!("exporter did not serve /metrics:\n{log}");
+        }
+    }
+    panic!("exporter: no free port after 5 tries");
+}
+
+/// A real Prometheus (`prometheus` from PATH, or $PROMETHEUS) on a free loopback port, with its
+/// config `config_yaml` and its TSDB in `dir`.
+pub struct Prometheus {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Prometheus {
+    pub async fn start(dir: &TempDir, config_yaml: &str) -> Prometheus {
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(&config, config_yaml).expect("write prometheus.yml");
+        let bin = std::env::var("PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+        for attempt in 0..5 {
+            let port = free_port();
+            let proc = Proc::spawn(
+                "prometheus",
+                Command::new(&bin).args([
+                    &format!("--config.file={}", config.display()),
+                    &format!("--web.listen-address=127.0.0.1:{port}"),
+                    &format!(
+                        "--storage.tsdb.path={}",
+                        dir.path().join(format!("tsdb-{attempt}")).display()
+                    ),
+                    "--log.level=warn",
+                ]),
+                dir.path().join(format!("prometheus-{attempt}.log")),
+            );
+            let url = format!("http://127.0.0.1:{port}/-/ready");
+            let http = reqwest::Client::new();
+            let ready = wait_until(Duration::from_secs(60), || {
+                let req = http.get(&url);
+                async move { req.send().await.is_ok_and(|r| r.status().is_success()) }
+            })
+            .await;
+            if ready {
+                return Prometheus { port, proc };
+            }
+            let log = proc.log_text();
+            if !log.contains("address already in use") {
+                panic!("prometheus did not become ready:\n{log}");
+            }
+        }
+        panic!("prometheus: no free port after 5 tries");
+    }
+
+    /// GET /api/v1/{path} and its `data` (panics unless status is success).
+    pub async fn api(&self, path_and_query: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}/api/v1/{path_and_query}", self.port);
+        let body: serde_json::Value = reqwest::get(&url)
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"));
+        assert_eq!(body["status"], "success", "GET {url}: {body}");
+        body["data"].clone()
+    }
+
+    /// An instant query's result vector.
+    pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
+        let q: String = promql
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        self.api(&format!("query?query={q}")).await["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+}
