@@ -76,7 +76,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        Metrics {
+        let m = Metrics {
             messages: Counter::default(),
             gaps: Counter::default(),
             resets: Counter::default(),
@@ -90,7 +90,15 @@ impl Metrics {
             ]),
             oldest_pending_ms: AtomicI64::new(0),
             last_success_ms: AtomicU64::new(0),
+        };
+        // Both results exist from the start, so that rates over them are defined at 0.
+        for result in ["ok", "error"] {
+            drop(
+                m.requests
+                    .get_or_create(&vec![("result".to_string(), result.to_string())]),
+            );
         }
+        m
     }
 
     /// Registers everything under `tiercache_purger_`. `lag` is filled at scrape time.
