@@ -116,6 +116,7 @@ async fn invalidate_purges_varnish() {
 
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let varnish_url = varnish.url("/");
+    let metrics_listen = format!("127.0.0.1:{}", harness::free_port());
     let mut purger = harness::tiercache(
         &dir,
         "purge-varnish",
@@ -129,6 +130,8 @@ async fn invalidate_purges_varnish() {
             &varnish_url,
             "--namespace-key",
             NS,
+            "--metrics-listen",
+            &metrics_listen,
         ],
     );
     wait_subscribers(&mut conn, 1, &mut purger).await;
@@ -192,6 +195,31 @@ async fn invalidate_purges_varnish() {
     let log = purger.log_text();
     assert!(log.contains("full purge (reset message)"), "{log}");
     assert!(log.contains("missed messages"), "{log}");
+
+    // The purger's own metrics.
+    let text = reqwest::get(format!("http://{metrics_listen}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(value("tiercache_purger_subscribed"), 1.0);
+    assert_eq!(value("tiercache_purger_resets_total"), 1.0);
+    assert_eq!(value("tiercache_purger_gaps_total"), 1.0);
+    assert!(value("tiercache_purger_full_purges_total") >= 2.0);
+    assert!(value("tiercache_purger_purged_keys_total") >= 3.0);
+    assert_eq!(
+        value("tiercache_purger_requests_total{result=\"error\"}"),
+        0.0
+    );
+    assert_eq!(value("tiercache_purger_pending_keys"), 0.0);
+    assert_eq!(value("tiercache_purger_lag_seconds"), 0.0);
+    assert!(value("tiercache_purger_purge_delay_seconds_count") >= 4.0);
     drop(purger);
     drop(varnish);
 }
