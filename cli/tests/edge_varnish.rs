@@ -223,3 +223,89 @@ async fn invalidate_purges_varnish() {
     drop(purger);
     drop(varnish);
 }
+
+/// The figures of BENCHMARKS.md ("Edge purge delay"): time from `TIERCACHE.INVALIDATE` returning to
+/// Varnish serving the new page, polled every millisecond, for the default batch window and none.
+/// Run by hand: `cargo test -p tiercache-cli --test edge_varnish -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "prints figures; run by hand"]
+async fn purge_delay_figures() {
+    const ROUNDS: u64 = 100;
+    let dir = TempDir::new("edge-delay");
+    let server = common::Server::start();
+    let mut conn = server.conn();
+    let version = Arc::new(AtomicU64::new(0));
+    let fetches = Arc::new(AtomicU64::new(0));
+    let (origin_port, _origin) = origin(version.clone(), fetches.clone()).await;
+    let varnish = Varnish::start(&dir, origin_port).await;
+    let http = reqwest::Client::new();
+    let redis_url = format!("redis://127.0.0.1:{}/", server.port);
+    let varnish_url = varnish.url("/");
+    let url = varnish.url("/page/1");
+    for window in ["20", "0"] {
+        let mut purger = harness::tiercache(
+            &dir,
+            &format!("purge-delay-{window}"),
+            &[
+                "purge",
+                "--redis",
+                &redis_url,
+                "--backend",
+                "varnish",
+                "--varnish-url",
+                &varnish_url,
+                "--batch-window-ms",
+                window,
+                "--rate",
+                "1000",
+            ],
+        );
+        wait_subscribers(&mut conn, 1, &mut purger).await;
+        let mut delays = Vec::new();
+        for _ in 0..ROUNDS {
+            let v = version.fetch_add(1, SeqCst) + 1;
+            let want = format!("page 1 v{v}");
+            get(&http, &url).await; // cached (old version) before the invalidation
+            let t0 = Instant::now();
+            conn.int(&cmd!("TIERCACHE.INVALIDATE", "page:1"));
+            let end = t0 + Duration::from_secs(20);
+            loop {
+                if get(&http, &url).await.0 == want {
+                    break;
+                }
+                assert!(
+                    Instant::now() < end,
+                    "{url} never served {want}:\n{}",
+                    purger.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            delays.push(t0.elapsed());
+        }
+        delays.sort();
+        let pct = |p: f64| delays[((delays.len() - 1) as f64 * p).round() as usize];
+        eprintln!(
+            "batch window {window} ms, {ROUNDS} rounds: INVALIDATE -> Varnish fresh: p50 {:.1?}, p90 {:.1?}, p99 {:.1?}, max {:.1?}",
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            delays[delays.len() - 1]
+        );
+        drop(purger);
+        // The next purger must be the only subscriber.
+        let ok = harness::wait_until(Duration::from_secs(10), || {
+            let n = {
+                let mut c = redis::cmd("PUBSUB");
+                c.arg("NUMSUB").arg("tiercache:invalidations");
+                let v = conn.run(&c);
+                common::as_list(&v)
+                    .and_then(|l| l.get(1))
+                    .and_then(common::as_int)
+                    .unwrap_or(0)
+            };
+            async move { n == 0 }
+        })
+        .await;
+        assert!(ok);
+    }
+}
