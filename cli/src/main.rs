@@ -91,9 +91,10 @@ struct PurgeArgs {
     /// Waiting keys beyond which one full purge replaces them.
     #[arg(long, default_value_t = 100_000)]
     max_pending: usize,
-    /// Full purge once subscribed at start (resubscriptions always do one).
+    /// Skip the full purge made once subscribed at start. Invalidations published while no purger
+    /// ran are then never purged at the edge: use only when another purger was running meanwhile.
     #[arg(long)]
-    full_purge_on_start: bool,
+    no_full_purge_on_start: bool,
     #[arg(long, default_value_t = 10_000)]
     request_timeout_ms: u64,
     /// Serve the purger's own metrics (tiercache_purger_*) on this address.
@@ -159,7 +160,7 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
         backoff_min: Duration::from_millis(a.backoff_min_ms.max(1)),
         backoff_max: Duration::from_millis(a.backoff_max_ms.max(a.backoff_min_ms.max(1))),
         max_pending: a.max_pending.max(1),
-        full_purge_on_start: a.full_purge_on_start,
+        full_purge_on_start: !a.no_full_purge_on_start,
         request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
     };
     let metrics = Arc::new(purge::Metrics::new());

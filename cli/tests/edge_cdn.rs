@@ -51,6 +51,7 @@ async fn fastly_purge_by_surrogate_key() {
         "purge-fastly",
         &[
             "purge",
+            "--no-full-purge-on-start",
             "--redis",
             &redis_url,
             "--backend",
@@ -101,7 +102,8 @@ async fn fastly_purge_by_surrogate_key() {
     drop(purger);
     let mut conn = server.conn();
 
-    // Without a namespace key, a full purge is purge_all (soft purges announced by header).
+    // Without a namespace key, a full purge is purge_all (soft purges announced by header); a purger
+    // starts with a full purge unless told not to.
     let mut purger = harness::tiercache(
         &dir,
         "purge-fastly-all",
@@ -118,7 +120,6 @@ async fn fastly_purge_by_surrogate_key() {
             "--fastly-token",
             "tok2",
             "--fastly-soft",
-            "--full-purge-on-start",
         ],
     );
     let reqs = wait_requests(&rec, 5, &mut purger).await;
@@ -154,6 +155,7 @@ async fn cloudflare_purge_by_cache_tag() {
         "purge-cloudflare",
         &[
             "purge",
+            "--no-full-purge-on-start",
             "--redis",
             &redis_url,
             "--backend",

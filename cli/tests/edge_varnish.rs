@@ -100,20 +100,6 @@ async fn invalidate_purges_varnish() {
     let varnish = Varnish::start(&dir, origin_port).await;
     let http = reqwest::Client::new();
 
-    // Cache pages 1..=3 at Varnish: a miss, then a hit.
-    for id in 1..=3 {
-        let url = varnish.url(&format!("/page/{id}"));
-        assert_eq!(
-            get(&http, &url).await,
-            (format!("page {id} v1"), "MISS".into())
-        );
-        assert_eq!(
-            get(&http, &url).await,
-            (format!("page {id} v1"), "HIT".into())
-        );
-    }
-    assert_eq!(fetches.load(SeqCst), 3);
-
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let varnish_url = varnish.url("/");
     let metrics_listen = format!("127.0.0.1:{}", harness::free_port());
@@ -135,6 +121,27 @@ async fn invalidate_purges_varnish() {
         ],
     );
     wait_subscribers(&mut conn, 1, &mut purger).await;
+    // A purger starts with a full purge (invalidations made while none ran are covered).
+    let started = harness::wait_until(Duration::from_secs(20), || {
+        let log = purger.log_text();
+        async move { log.contains("full purge (start)") }
+    })
+    .await;
+    assert!(started, "{}", purger.log_text());
+
+    // Cache pages 1..=3 at Varnish: a miss, then a hit.
+    for id in 1..=3 {
+        let url = varnish.url(&format!("/page/{id}"));
+        assert_eq!(
+            get(&http, &url).await,
+            (format!("page {id} v1"), "MISS".into())
+        );
+        assert_eq!(
+            get(&http, &url).await,
+            (format!("page {id} v1"), "HIT".into())
+        );
+    }
+    assert_eq!(fetches.load(SeqCst), 3);
 
     // The application changes page 1 and invalidates its tag (entries in Redis carry it too).
     conn.set("page:1:data", "x", &["EX", "60", "TAGS", "1", "page:1"]);
@@ -248,6 +255,7 @@ async fn purge_delay_figures() {
             &format!("purge-delay-{window}"),
             &[
                 "purge",
+                "--no-full-purge-on-start",
                 "--redis",
                 &redis_url,
                 "--backend",
