@@ -97,6 +97,12 @@ struct PurgeArgs {
     no_full_purge_on_start: bool,
     #[arg(long, default_value_t = 10_000)]
     request_timeout_ms: u64,
+    /// Check the subscription with PING this often (milliseconds)...
+    #[arg(long, default_value_t = 5_000)]
+    ping_interval_ms: u64,
+    /// ...and reconnect (then purge the namespace) when no reply comes within this.
+    #[arg(long, default_value_t = 5_000)]
+    ping_timeout_ms: u64,
     /// Serve the purger's own metrics (tiercache_purger_*) on this address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -162,6 +168,8 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
         max_pending: a.max_pending.max(1),
         full_purge_on_start: !a.no_full_purge_on_start,
         request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
+        ping_interval: Duration::from_millis(a.ping_interval_ms.max(10)),
+        ping_timeout: Duration::from_millis(a.ping_timeout_ms.max(10)),
     };
     let metrics = Arc::new(purge::Metrics::new());
     if let Some(addr) = a.metrics_listen {

@@ -49,6 +49,10 @@ pub struct Config {
     /// Full purge once subscribed at start (resubscriptions always do one).
     pub full_purge_on_start: bool,
     pub request_timeout: Duration,
+    /// How often the subscription connection is checked with PING, and how long a reply may take
+    /// before the connection is dropped and made again (then a full purge).
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
 }
 
 /// The purger's own metrics (`--metrics-listen`).
@@ -244,8 +248,26 @@ async fn listener(
             }
         }
         first = false;
-        let mut stream = pubsub.on_message();
-        while let Some(msg) = stream.next().await {
+        let (mut sink, mut stream) = pubsub.split();
+        let mut ping = tokio::time::interval(cfg.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await; // the first tick is immediate
+        let why = loop {
+            let msg = tokio::select! {
+                m = stream.next() => match m {
+                    Some(m) => m,
+                    None => break "connection closed".to_string(),
+                },
+                _ = ping.tick() => {
+                    // A server that stopped answering without closing the connection (a partition, a
+                    // frozen host) would otherwise leave the purger subscribed to nothing.
+                    match tokio::time::timeout(cfg.ping_timeout, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => break format!("PING failed: {e}"),
+                        Err(_) => break format!("no PING reply within {:?}", cfg.ping_timeout),
+                    }
+                }
+            };
             let now = Instant::now();
             let now_ms = crate::unix_ms();
             metrics.messages.inc();
@@ -284,10 +306,12 @@ async fn listener(
             if tx.send(event).is_err() {
                 return;
             }
-        }
-        drop(stream);
+        };
+        drop((sink, stream));
         metrics.subscribed.set(0);
-        crate::log("purge: subscription lost; reconnecting (then a full purge)");
+        crate::log(&format!(
+            "purge: subscription lost ({why}); reconnecting (then a full purge)"
+        ));
         tokio::time::sleep(backoff).await;
     }
 }

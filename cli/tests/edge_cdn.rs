@@ -214,3 +214,64 @@ async fn cloudflare_purge_by_cache_tag() {
     let body: serde_json::Value = serde_json::from_slice(&reqs[3].body).unwrap();
     assert_eq!(body, serde_json::json!({"purge_everything": true}));
 }
+
+/// A server that stops answering without closing the connection is noticed by PING, and the
+/// resubscription purges the namespace (messages may have been lost meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_is_noticed() {
+    let dir = TempDir::new("edge-frozen");
+    let server = common::Server::start();
+    let mut conn = server.conn();
+    let rec = Recorder::start(|_, _| (200, "{}".into())).await;
+    let redis_url = format!("redis://127.0.0.1:{}/", server.port);
+    let api = rec.url();
+    let mut purger = harness::tiercache(
+        &dir,
+        "purge-frozen",
+        &[
+            "purge",
+            "--no-full-purge-on-start",
+            "--redis",
+            &redis_url,
+            "--backend",
+            "fastly",
+            "--fastly-api",
+            &api,
+            "--fastly-service-id",
+            "svc",
+            "--fastly-token",
+            "tok",
+            "--namespace-key",
+            "ns:site:v1",
+            "--ping-interval-ms",
+            "100",
+            "--ping-timeout-ms",
+            "300",
+        ],
+    );
+    wait_subscribers(&mut conn, 1, &mut purger).await;
+    // Freeze the server for 2 s (well over the 300 ms PING timeout) on a connection of its own.
+    let port = server.port;
+    tokio::task::spawn_blocking(move || {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+        let mut c = client.get_connection().unwrap();
+        redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(2)
+            .query::<redis::Value>(&mut c)
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let reqs = wait_requests(&rec, 1, &mut purger).await;
+    assert_eq!(reqs[0].path, "/service/svc/purge");
+    assert_eq!(reqs[0].header("surrogate-key"), Some("ns:site:v1"));
+    let log = purger.log_text();
+    assert!(log.contains("no PING reply within"), "{log}");
+    assert!(log.contains("full purge (resubscribed)"), "{log}");
+    // And it follows the channel again.
+    wait_subscribers(&mut conn, 1, &mut purger).await;
+    conn.run(&cmd!("TIERCACHE.INVALIDATE", "after"));
+    let reqs = wait_requests(&rec, 2, &mut purger).await;
+    assert_eq!(reqs[1].header("surrogate-key"), Some("after"));
+}
