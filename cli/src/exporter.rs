@@ -228,11 +228,9 @@ impl Node {
     pub async fn scrape(&self) -> NodeInfo {
         let mut guard = self.conn.lock().await;
         let result = tokio::time::timeout(self.timeout, async {
-            if guard.is_none() {
-                *guard = Some(self.client.get_multiplexed_async_connection().await?);
-            }
-            let Some(conn) = guard.as_mut() else {
-                unreachable!("set above")
+            let conn = match guard.as_mut() {
+                Some(c) => c,
+                None => guard.insert(self.client.get_multiplexed_async_connection().await?),
             };
             redis::cmd("INFO")
                 .arg("tiercache")
