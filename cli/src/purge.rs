@@ -339,17 +339,21 @@ impl Pending {
                     self.full = Some((why, at));
                 }
             }
+            // The full purge, not sent yet, covers keys that arrive before it is: nothing to keep.
+            Event::Keys(..) if self.full.is_some() => {}
             Event::Keys(keys, at, ms) => {
                 for k in keys {
                     if self.set.insert(k.clone()) {
                         self.keys.push((k, at, ms));
                     }
                 }
-                if self.keys.len() > max_pending && self.full.is_none() {
+                if self.keys.len() > max_pending {
                     crate::log(&format!(
                         "purge: more than {max_pending} keys waiting; one full purge instead"
                     ));
                     self.full = Some(("too many pending keys", self.keys[0].1));
+                    self.keys.clear();
+                    self.set.clear();
                 }
             }
         }
@@ -502,5 +506,13 @@ mod tests {
         );
         assert_eq!(p.full.map(|f| f.0), Some("too many pending keys"));
         assert_eq!(p.oldest_ms, 1);
+        assert!(
+            p.keys.is_empty() && p.set.is_empty(),
+            "covered by the full purge"
+        );
+        // While a full purge waits, new keys are covered by it.
+        p.add(Event::Keys(vec!["x".into()], now, 3), 100);
+        assert!(p.keys.is_empty());
+        assert!(!p.is_empty());
     }
 }
