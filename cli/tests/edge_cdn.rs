@@ -275,3 +275,47 @@ async fn a_frozen_server_is_noticed() {
     let reqs = wait_requests(&rec, 2, &mut purger).await;
     assert_eq!(reqs[1].header("surrogate-key"), Some("after"));
 }
+
+/// `--db 1` purges invalidations of database 1 only (messages are handled in order, so the one of
+/// database 0, published first, would be in the first request if it were not filtered out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn db_filter() {
+    let dir = TempDir::new("edge-db");
+    let server = common::Server::start();
+    let mut conn = server.conn();
+    let rec = Recorder::start(|_, _| (200, "{}".into())).await;
+    let redis_url = format!("redis://127.0.0.1:{}/", server.port);
+    let api = rec.url();
+    let mut purger = harness::tiercache(
+        &dir,
+        "purge-db",
+        &[
+            "purge",
+            "--no-full-purge-on-start",
+            "--redis",
+            &redis_url,
+            "--db",
+            "1",
+            "--backend",
+            "fastly",
+            "--fastly-api",
+            &api,
+            "--fastly-service-id",
+            "svc",
+            "--fastly-token",
+            "tok",
+        ],
+    );
+    wait_subscribers(&mut conn, 1, &mut purger).await;
+    conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db0"));
+    conn.select(1);
+    conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db1"));
+    let reqs = wait_requests(&rec, 1, &mut purger).await;
+    assert_eq!(reqs[0].header("surrogate-key"), Some("in-db1"));
+    conn.select(0);
+    conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db0-again"));
+    conn.select(1);
+    conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db1-again"));
+    let reqs = wait_requests(&rec, 2, &mut purger).await;
+    assert_eq!(reqs[1].header("surrogate-key"), Some("in-db1-again"));
+}
