@@ -317,3 +317,57 @@ async fn purge_delay_figures() {
         assert!(ok);
     }
 }
+
+/// Without --namespace-key a full purge (here the one at start) bans everything at Varnish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_purge_without_namespace_key_bans_everything() {
+    let dir = TempDir::new("edge-varnish-all");
+    let server = common::Server::start();
+    let mut conn = server.conn();
+    let version = Arc::new(AtomicU64::new(1));
+    let fetches = Arc::new(AtomicU64::new(0));
+    let (origin_port, _origin) = origin(version.clone(), fetches.clone()).await;
+    let varnish = Varnish::start(&dir, origin_port).await;
+    let http = reqwest::Client::new();
+    for id in [1, 7] {
+        let url = varnish.url(&format!("/page/{id}"));
+        get(&http, &url).await;
+        assert_eq!(
+            get(&http, &url).await,
+            (format!("page {id} v1"), "HIT".into())
+        );
+    }
+    version.store(2, SeqCst);
+    let redis_url = format!("redis://127.0.0.1:{}/", server.port);
+    let varnish_url = varnish.url("/");
+    let mut purger = harness::tiercache(
+        &dir,
+        "purge-varnish-all",
+        &[
+            "purge",
+            "--redis",
+            &redis_url,
+            "--backend",
+            "varnish",
+            "--varnish-url",
+            &varnish_url,
+        ],
+    );
+    wait_subscribers(&mut conn, 1, &mut purger).await;
+    for id in [1, 7] {
+        until_serves(
+            &http,
+            &varnish.url(&format!("/page/{id}")),
+            &format!("page {id} v2"),
+            &mut purger,
+        )
+        .await;
+    }
+    assert!(
+        purger
+            .log_text()
+            .contains("full purge (start) of everything done"),
+        "{}",
+        purger.log_text()
+    );
+}
