@@ -110,7 +110,7 @@ pub fn node_label(url: &str) -> Result<String, String> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|e| format!("invalid Redis URL (not shown: it may hold a password): {e}"))?;
     Ok(match info.addr() {
         redis::ConnectionAddr::Tcp(h, p)
         | redis::ConnectionAddr::TcpTls {
@@ -216,9 +216,10 @@ pub struct Node {
 
 impl Node {
     pub fn new(url: &str, timeout: std::time::Duration) -> Result<Node, String> {
+        let label = node_label(url)?;
         Ok(Node {
-            label: node_label(url)?,
-            client: redis::Client::open(url).map_err(|e| format!("{url}: {e}"))?,
+            client: redis::Client::open(url).map_err(|e| format!("{label}: {e}"))?,
+            label,
             conn: Mutex::new(None),
             timeout,
         })

@@ -187,18 +187,21 @@ enum Event {
 
 /// Runs until the process is stopped. Errors only for a configuration that cannot work.
 pub async fn run(cfg: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<(), String> {
+    // Logs name the server by host:port, never by its URL, which may hold a password.
+    let server = crate::exporter::node_label(&cfg.redis_url)?;
     let client = redis::Client::open(cfg.redis_url.as_str())
-        .map_err(|e| format!("--redis {}: {e}", cfg.redis_url))?;
+        .map_err(|e| format!("--redis {server}: {e}"))?;
     let http = crate::backend::http_client(cfg.request_timeout).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
     let sender = tokio::spawn(sender(cfg.clone(), backend, http, rx, metrics.clone()));
-    listener(cfg, client, tx, metrics).await;
+    listener(cfg, server, client, tx, metrics).await;
     // The listener returns only when the sender is gone.
     sender.await.map_err(|e| format!("sender task: {e}"))
 }
 
 async fn listener(
     cfg: Config,
+    server: String,
     client: redis::Client,
     tx: mpsc::UnboundedSender<Event>,
     metrics: Arc<Metrics>,
@@ -211,8 +214,7 @@ async fn listener(
             Ok(p) => p,
             Err(e) => {
                 crate::log(&format!(
-                    "purge: cannot connect to {}: {e}; retrying in {backoff:?}",
-                    cfg.redis_url
+                    "purge: cannot connect to {server}: {e}; retrying in {backoff:?}"
                 ));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(cfg.backoff_max);
@@ -231,10 +233,7 @@ async fn listener(
         backoff = cfg.backoff_min;
         metrics.subscribed.set(1);
         follower.forget();
-        crate::log(&format!(
-            "purge: subscribed to {} on {}",
-            cfg.channel, cfg.redis_url
-        ));
+        crate::log(&format!("purge: subscribed to {} on {server}", cfg.channel));
         if !first || cfg.full_purge_on_start {
             let why = if first { "start" } else { "resubscribed" };
             if !first {
