@@ -152,3 +152,55 @@ tc_ensure_venv() {
 tc_port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
+
+# --- edge and monitoring (cli/ tests, monitoring/) -------------------------------------------------
+# The cli tests start a real Varnish (with vmod xkey) and a real Prometheus; scripts/test runs
+# `promtool test rules` on monitoring/. Debian packages:
+#   varnishd               [varnish]
+#   vmod xkey              [varnish-modules]
+#   prometheus + promtool  [prometheus]
+# On a machine with systemd, installing varnish and prometheus also starts their services (ports 6081
+# and 9090); the tests use their own processes on free loopback ports and do not need those.
+
+# Is vmod xkey installed where varnishd looks for vmods?
+tc_have_vmod_xkey() {
+    local f
+    for f in /usr/lib/*/varnish/vmods/libvmod_xkey.so /usr/lib/varnish/vmods/libvmod_xkey.so \
+             /usr/lib64/varnish/vmods/libvmod_xkey.so /usr/local/lib/varnish/vmods/libvmod_xkey.so; do
+        [[ -e "$f" ]] && return 0
+    done
+    return 1
+}
+
+tc_missing_edge_packages() {
+    command -v varnishd >/dev/null 2>&1 || [[ -x /usr/sbin/varnishd ]] || echo varnish
+    tc_have_vmod_xkey || echo varnish-modules
+    { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || echo prometheus
+}
+
+# Installs varnish, varnish-modules and prometheus when missing (apt-get as root; otherwise prints the
+# sudo line and exits 1, like tc_ensure_system_deps).
+tc_ensure_edge_deps() {
+    local -a missing
+    mapfile -t missing < <(tc_missing_edge_packages)
+    if ((${#missing[@]} > 0)); then
+        if ! command -v apt-get >/dev/null 2>&1; then
+            tc_die "missing for the edge and monitoring tests: ${missing[*]} (Debian package names); install the equivalents and run again."
+        fi
+        if [[ "$(id -u)" != 0 ]]; then
+            tc_die "missing system packages for the edge and monitoring tests: ${missing[*]}. Install them with:
+    sudo apt-get update && sudo apt-get install -y ${missing[*]}
+then run this script again."
+        fi
+        tc_log "installing with apt-get: ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+        mapfile -t missing < <(tc_missing_edge_packages)
+        ((${#missing[@]} == 0)) || tc_die "still missing after apt-get install: ${missing[*]}"
+    fi
+    # varnishd lives in /usr/sbin, which a non-root PATH may lack.
+    if ! command -v varnishd >/dev/null 2>&1 && [[ -x /usr/sbin/varnishd ]]; then
+        export VARNISHD=/usr/sbin/varnishd
+    fi
+}

@@ -19,6 +19,7 @@
 //! `compress_min_size` bytes are lz4-framed by the client and read back undecoded (`ENCODED`), so Redis
 //! never decompresses for this client.
 
+pub mod edge;
 mod metrics;
 
 use std::collections::HashMap;
