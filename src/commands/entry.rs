@@ -38,7 +38,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     }
     let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
-    // not be lost because this server's tiercache.max-tags is lower.
+    // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
+    // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
     let max_tags = if replayed(ctx) { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
     let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
