@@ -1,5 +1,5 @@
 //! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`,
-//! `tiercache.reclaim-budget` and the string `tiercache.invalidation-channel`.
+//! `tiercache.reclaim-budget`, `tiercache.max-value-size` and the string `tiercache.invalidation-channel`.
 //!
 //! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
 //! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
@@ -38,12 +38,32 @@ impl Numeric {
 /// Values of at least this many bytes are lz4-compressed when that saves 10 %.
 pub static COMPRESS_MIN_SIZE: Numeric = Numeric::new(c"compress-min-size", 1024, 0, 512 * 1024 * 1024);
 /// Most tags one entry may carry.
-pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, 1024);
+/// The upper bound is the one an RDB load and a replayed SET apply whatever the setting.
+pub static MAX_TAGS: Numeric = Numeric::new(
+    c"max-tags",
+    32,
+    0,
+    tiercache_core::persist::MAX_PERSISTED_TAGS as i64,
+);
+
+/// Largest decoded value `TIERCACHE.SET` accepts, in bytes: the raw length, or the size an lz4 frame
+/// announces (the client's frame is refused before it is decoded). Up to the lz4 frame's hard maximum.
+pub static MAX_VALUE_SIZE: Numeric = Numeric::new(
+    c"max-value-size",
+    64 * 1024 * 1024,
+    1024,
+    tiercache_core::lz4::MAX_ORIGINAL_LEN as i64,
+);
 
 /// Invalidated entries deleted per reclaim tick (a tick also stops after about 1 ms).
 pub static RECLAIM_BUDGET: Numeric = Numeric::new(c"reclaim-budget", 1000, 1, 1_000_000);
 
-static ALL: [&Numeric; 3] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET];
+static ALL: [&Numeric; 4] = [
+    &COMPRESS_MIN_SIZE,
+    &MAX_TAGS,
+    &RECLAIM_BUDGET,
+    &MAX_VALUE_SIZE,
+];
 
 /// Name of the string config holding the invalidation channel.
 const CHANNEL: &CStr = c"invalidation-channel";

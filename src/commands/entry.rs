@@ -6,11 +6,12 @@ use std::os::raw::c_int;
 use tiercache_core::args::{parse_get, parse_set, Compression, GetArgs, LeaseArgs};
 use tiercache_core::lease::Acquire;
 use tiercache_core::entry::Storage;
+use tiercache_core::lz4::MAX_ORIGINAL_LEN;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
-use crate::config::{COMPRESS_MIN_SIZE, MAX_TAGS};
+use crate::config::{COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
@@ -30,8 +31,9 @@ const SCRATCH_KEEP: usize = 1 << 20;
 /// TIERCACHE.SET key value [EX s | PX ms | EXAT unix-s | PXAT unix-ms] [KEEPTTL] [STALE s]
 ///   [TAGS numtags tag [tag ...]] [NOCOMPRESS | ENCODING raw|lz4] [CREATED unix-ms]
 ///
-/// Everything is validated and the entry is built before the key is touched, so an error changes
-/// nothing. The write is propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+/// A value whose decoded size exceeds `tiercache.max-value-size` is refused. Everything is validated
+/// and the entry is built before the key is touched, so an error changes nothing. The write is
+/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
 pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
@@ -54,6 +56,23 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         Compression::Auto => Storage::Auto { compress_min_size: COMPRESS_MIN_SIZE.get() as usize },
         Compression::Verbatim(encoding) => Storage::Verbatim(encoding),
     };
+    // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
+    // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
+    let max_value = if replayed(ctx) {
+        MAX_ORIGINAL_LEN
+    } else {
+        MAX_VALUE_SIZE.get() as usize
+    };
+    match storage.decoded_len(bytes(args[2])) {
+        Ok(n) if n > max_value => {
+            return reply::error(
+                ctx,
+                &format!("ERR value too large: {n} bytes decoded, more than tiercache.max-value-size ({max_value})"),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+    }
     let tags = TagList::new(&parsed.tags);
     let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
         Ok(e) => e,
