@@ -11,6 +11,7 @@ use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
+use crate::acl::{self, Access};
 use crate::config::{COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
@@ -72,6 +73,20 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         }
         Ok(_) => {}
         Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+    }
+    // Attaching the entry to a tag needs write permission on the tag (see acl.rs); the key itself was
+    // checked by Redis from the command's key spec.
+    if !parsed.tags.is_empty() {
+        let tag_args = parsed
+            .tags_at
+            .and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
+        let checked = match tag_args {
+            Some(tag_args) => acl::check(ctx, tag_args, Access::Write).map(drop),
+            None => acl::check_bytes(ctx, &parsed.tags, Access::Write),
+        };
+        if let Err(e) = checked {
+            return reply::error(ctx, e);
+        }
     }
     let tags = TagList::new(&parsed.tags);
     let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
