@@ -66,8 +66,10 @@ impl User {
         // we own and free below.
         let mut name = unsafe { api!(RedisModule_GetClientUserNameById)(ctx, id) };
         if name.is_null() && flags & raw::REDISMODULE_CTX_FLAGS_LUA as i32 != 0 {
-            // SAFETY: a script's client has its caller's user (a connected client's, not the master's:
-            // replicated and loading contexts returned above).
+            // SAFETY: a script's client has its caller's user, which is NULL only for the master's
+            // client. A 7.0 master replicates a script's effects, never the script (and this module
+            // cannot load on an older master), and AOF loading returned above: the caller here is a
+            // connected client with a user.
             name = unsafe { api!(RedisModule_GetCurrentUserName)(ctx) };
         }
         if name.is_null() {
