@@ -1,6 +1,6 @@
 //! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`,
-//! `tiercache.reclaim-budget`, `tiercache.max-lease-ms`, `tiercache.max-wait-ms` and the string
-//! `tiercache.invalidation-channel`.
+//! `tiercache.reclaim-budget`, `tiercache.max-value-size`, `tiercache.max-lease-ms`, `tiercache.max-wait-ms` and
+//! the string `tiercache.invalidation-channel`.
 //!
 //! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
 //! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
@@ -39,7 +39,22 @@ impl Numeric {
 /// Values of at least this many bytes are lz4-compressed when that saves 10 %.
 pub static COMPRESS_MIN_SIZE: Numeric = Numeric::new(c"compress-min-size", 1024, 0, 512 * 1024 * 1024);
 /// Most tags one entry may carry.
-pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, 1024);
+/// The upper bound is the one an RDB load and a replayed SET apply whatever the setting.
+pub static MAX_TAGS: Numeric = Numeric::new(
+    c"max-tags",
+    32,
+    0,
+    tiercache_core::persist::MAX_PERSISTED_TAGS as i64,
+);
+
+/// Largest decoded value `TIERCACHE.SET` accepts, in bytes: the raw length, or the size an lz4 frame
+/// announces (the client's frame is refused before it is decoded). Up to the lz4 frame's hard maximum.
+pub static MAX_VALUE_SIZE: Numeric = Numeric::new(
+    c"max-value-size",
+    64 * 1024 * 1024,
+    1024,
+    tiercache_core::lz4::MAX_ORIGINAL_LEN as i64,
+);
 
 /// Invalidated entries deleted per reclaim tick (a tick also stops after about 1 ms).
 pub static RECLAIM_BUDGET: Numeric = Numeric::new(c"reclaim-budget", 1000, 1, 1_000_000);
@@ -50,7 +65,7 @@ pub static MAX_LEASE_MS: Numeric = Numeric::new(c"max-lease-ms", 60_000, 1, 86_4
 /// Longest `WAIT ms` of a lease read (how long a parked reader may stay parked).
 pub static MAX_WAIT_MS: Numeric = Numeric::new(c"max-wait-ms", 60_000, 1, 86_400_000);
 
-static ALL: [&Numeric; 5] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET, &MAX_LEASE_MS, &MAX_WAIT_MS];
+static ALL: [&Numeric; 6] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET, &MAX_VALUE_SIZE, &MAX_LEASE_MS, &MAX_WAIT_MS];
 
 /// Name of the string config holding the invalidation channel.
 const CHANNEL: &CStr = c"invalidation-channel";

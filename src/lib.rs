@@ -1,6 +1,7 @@
 //! tiercache: a Redis (>= 7.0) module for multi-tier caching. This file only registers; see
 //! ARCHITECTURE.md for where everything lives.
 
+mod acl;
 mod commands;
 mod config;
 mod datatype;

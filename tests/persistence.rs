@@ -16,6 +16,8 @@ proto_tests!(
     aof_preamble_no_rewrite_then_restart,
     aof_preamble_yes_replay_without_rewrite,
     aof_preamble_no_replay_without_rewrite,
+    crafted_restore_payloads_outside_set_limits_are_refused,
+    restore_accepted_entries_survive_aof_without_preamble,
 );
 
 fn debug_reload_keeps_entries(p: Proto) {
@@ -442,4 +444,341 @@ fn restore_of_compressed_entry_into_fresh_server_and_bad_frame_refused() {
     assert!(r.is_err(), "RESTORE accepted an entry whose lz4 header is corrupt: {r:?}");
     assert_eq!(cb.string(&cmd!("PING")).as_deref(), Some("PONG"));
     assert!(!cb.exists("bad"));
+}
+
+/// One module field of a crafted DUMP payload.
+#[derive(Clone, Debug)]
+enum F {
+    U(u64),
+    S(i64),
+    B(Vec<u8>),
+}
+
+/// An RDB length (the encoding `read_len` reads back).
+fn rdb_len(out: &mut Vec<u8>, v: u64) {
+    if v < 64 {
+        out.push(v as u8);
+    } else if v < 16384 {
+        out.extend_from_slice(&[0x40 | (v >> 8) as u8, v as u8]);
+    } else if v <= u32::MAX as u64 {
+        out.push(0x80);
+        out.extend_from_slice(&(v as u32).to_be_bytes());
+    } else {
+        out.push(0x81);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// The fields of a tiercache entry in encoding version 2 (see core/src/persist.rs).
+fn entry_fields(
+    encoding: u64,
+    fresh_until: i64,
+    created: i64,
+    size: u64,
+    data: &[u8],
+    tags: &[Vec<u8>],
+) -> Vec<F> {
+    let mut f = vec![
+        F::U(encoding),
+        F::S(fresh_until),
+        F::S(created),
+        F::U(size),
+        F::B(data.to_vec()),
+        F::U(tags.len() as u64),
+    ];
+    f.extend(tags.iter().map(|t| F::B(t.clone())));
+    f.push(F::U(0));
+    f
+}
+
+/// A DUMP payload with the module header (type byte and module id) of a real `dump`, the given fields,
+/// the EOF marker, the real dump's RDB version and a valid CRC.
+fn craft(dump: &[u8], fields: &[F]) -> Vec<u8> {
+    let first = &module_fields(dump)[0];
+    let n = dump.len();
+    // The first field's opcode (2, unsigned) is one byte just before its value.
+    let mut out = dump[..first.start - 1].to_vec();
+    for f in fields {
+        match f {
+            F::U(v) => {
+                out.push(2);
+                rdb_len(&mut out, *v);
+            }
+            // RedisModule_SaveSigned writes the two's-complement bits as an unsigned field.
+            F::S(v) => {
+                out.push(2);
+                rdb_len(&mut out, *v as u64);
+            }
+            F::B(b) => {
+                out.push(5);
+                rdb_len(&mut out, b.len() as u64);
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    out.push(0);
+    out.extend_from_slice(&dump[n - 10..n - 8]);
+    seal(&out)
+}
+
+fn distinct_tags(n: usize) -> Vec<Vec<u8>> {
+    (0..n).map(|i| format!("tag:{i}").into_bytes()).collect()
+}
+
+const BAD_FORMAT: &str = "ERR Bad data format";
+
+/// A real DUMP of a small entry, used for its module header and RDB version.
+fn template(c: &mut Conn) -> Vec<u8> {
+    c.set("template", "v", &["TAGS", "1", "t"]);
+    c.bytes(&cmd!("DUMP", "template")).unwrap()
+}
+
+/// Crafted entries that `TIERCACHE.SET` would refuse (so an AOF replay would drop them).
+fn refused_cases() -> Vec<(&'static str, Vec<F>)> {
+    let value = compressible(6000);
+    let frame = lz4_frame(&value);
+    let mut corrupt_body = frame.clone();
+    corrupt_body.truncate(frame.len() - 3);
+    let mut corrupt_header = frame.clone();
+    corrupt_header[..4].copy_from_slice(&(600u32 << 20).to_le_bytes());
+    // A plausible header (within lz4's ratio for the body's length) over a body that cannot produce it.
+    let mut bomb_header = vec![0u8; 4];
+    bomb_header[..4].copy_from_slice(&(512u32 << 20).to_le_bytes());
+    bomb_header.extend(std::iter::repeat_n(0x11u8, (512 << 20) / 255 + 1));
+    let one = vec![b"t".to_vec()];
+    let far = 4_102_444_800_000; // 2100-01-01
+    vec![
+        (
+            "65,536 tags",
+            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(65_536)),
+        ),
+        (
+            "1,025 tags (above the hard maximum of tiercache.max-tags)",
+            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1025)),
+        ),
+        (
+            "negative creation time",
+            entry_fields(0, -1, -1, 1, b"v", &one),
+        ),
+        ("fresh deadline 0", entry_fields(0, 0, 1, 1, b"v", &one)),
+        ("fresh deadline -2", entry_fields(0, -2, 1, 1, b"v", &one)),
+        ("unknown encoding", entry_fields(7, far, 1, 1, b"v", &one)),
+        (
+            "lz4 body that does not decode",
+            entry_fields(1, far, 1, value.len() as u64, &corrupt_body, &one),
+        ),
+        (
+            "lz4 header announcing 600 MiB",
+            entry_fields(1, far, 1, 600 << 20, &corrupt_header, &one),
+        ),
+        (
+            "lz4 header announcing 512 MiB over 2 MiB of garbage",
+            entry_fields(1, far, 1, 512 << 20, &bomb_header, &one),
+        ),
+        (
+            "declared size longer than the lz4 frame's",
+            entry_fields(1, far, 1, value.len() as u64 + 1, &frame, &one),
+        ),
+        (
+            "declared size longer than the raw bytes",
+            entry_fields(0, far, 1, 2, b"v", &one),
+        ),
+        (
+            "empty tag",
+            entry_fields(0, far, 1, 1, b"v", &[b"t".to_vec(), Vec::new()]),
+        ),
+    ]
+}
+
+/// Payloads that `TIERCACHE.SET` (and so AOF replay) would refuse must be refused by RESTORE too,
+/// cleanly: an error, no key, the server up. Before: RESTORE accepted most of them, and an AOF restart
+/// without the RDB preamble silently dropped them.
+fn crafted_restore_payloads_outside_set_limits_are_refused(p: Proto) {
+    let s = Server::start();
+    let mut c = s.conn_proto(p);
+    let dump = template(&mut c);
+    let value = compressible(6000);
+    let frame = lz4_frame(&value);
+    let one = vec![b"t".to_vec()];
+    let far = 4_102_444_800_000;
+    for (what, fields) in &refused_cases() {
+        let payload = craft(&dump, fields);
+        let t = std::time::Instant::now();
+        let r = c.try_run(&cmd!("RESTORE", "bad", 0, &payload));
+        eprintln!("RESTORE {what}: {:.3} s", t.elapsed().as_secs_f64());
+        assert_eq!(r, Err(BAD_FORMAT.to_string()), "{what}");
+        assert_eq!(
+            c.string(&cmd!("PING")).as_deref(),
+            Some("PONG"),
+            "{what}: server down"
+        );
+        assert!(!c.exists("bad"), "{what}: key created");
+        // A lease read finds nothing to serve: it is asked to fill (before, a corrupt lz4 entry answered
+        // HIT with a nil value).
+        let v = c.run(&cmd!("TIERCACHE.GET", "bad", "LEASE", 1000));
+        assert_eq!(
+            as_string(&as_list(&v).unwrap()[0]).as_deref(),
+            Some("FILL"),
+            "{what}"
+        );
+        c.int(&cmd!(
+            "TIERCACHE.RELEASE",
+            "bad",
+            as_string(&as_list(&v).unwrap()[2]).unwrap()
+        ));
+    }
+    // The same crafting with sane fields is accepted (the refusals above are about the fields).
+    c.ok(&cmd!(
+        "RESTORE",
+        "good",
+        0,
+        craft(
+            &dump,
+            &entry_fields(1, far, 1, value.len() as u64, &frame, &one)
+        )
+    ));
+    assert_eq!(c.get("good"), Some(value));
+    assert_eq!(c.stats().get("entries"), 2);
+}
+
+/// A corrupt entry in an RDB file (a valid file checksum over a negative creation time) makes the
+/// server refuse to start, with the module's reason in the log: it is not loaded half-valid, and Redis
+/// is not brought down by a signal.
+#[test]
+fn corrupt_rdb_entry_fails_the_load_cleanly() {
+    let mut s = Server::builder().args(&["--rdbcompression", "no"]).start();
+    let mut c = s.conn();
+    // A creation time whose RDB encoding (0x81 + 8 big-endian bytes) is easy to find in the file.
+    c.set("k", "v", &["TAGS", "1", "t", "CREATED", "72623859790382856"]);
+    c.ok(&cmd!("SAVE"));
+    drop(c);
+    s.stop();
+    let path = s.dir().join("dump.rdb");
+    let mut rdb = std::fs::read(&path).unwrap();
+    let needle = [0x81, 1, 2, 3, 4, 5, 6, 7, 8];
+    let at = rdb.windows(needle.len()).position(|w| w == needle).expect("creation time in dump.rdb");
+    rdb[at + 1..at + 9].copy_from_slice(&(-1i64).to_be_bytes());
+    let n = rdb.len();
+    let crc = crc64(&rdb[..n - 8]);
+    rdb[n - 8..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &rdb).unwrap();
+    let dir = s.dir().display().to_string();
+    let err = match Server::builder().args(&["--dir", &dir]).try_start() {
+        Ok(_) => panic!("the server started from an RDB holding a corrupt entry"),
+        Err(e) => e,
+    };
+    // Redis stops the load and exits (after running its own RDB check, whose status it exits with):
+    // an exit, not a signal, and no crash report.
+    assert!(err.contains("exited with exit status"), "not an exit: {err}");
+    assert!(!err.contains("crashed by signal") && !err.contains("BUG REPORT"), "crashed: {err}");
+    assert!(err.contains("Internal error in RDB reading"), "load not stopped: {err}");
+    assert!(err.contains("cannot load entry: invalid entry: creation time"), "no reason logged: {err}");
+}
+
+/// Whatever RESTORE accepts, an AOF restart without the RDB preamble (a rewrite into TIERCACHE.SET
+/// commands, then their replay) brings back identically: no entry may vanish because the replayed
+/// SET is stricter than the load.
+fn restore_accepted_entries_survive_aof_without_preamble(p: Proto) {
+    let mut s = Server::builder()
+        .args(&["--appendonly", "yes", "--aof-use-rdb-preamble", "no"])
+        .start();
+    s.wait_no_background_job();
+    let mut c = s.conn_proto(p);
+    let dump = template(&mut c);
+    c.int(&cmd!("DEL", "template"));
+    let value = compressible(6000);
+    let frame = lz4_frame(&value);
+    let mut repeated = distinct_tags(1000);
+    repeated.extend(distinct_tags(24));
+    let cases: Vec<(&str, Vec<F>)> = vec![
+        (
+            "1,024 tags",
+            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1024)),
+        ),
+        (
+            "1,024 tags, 1,000 distinct",
+            entry_fields(0, -1, 1, 1, b"v", &repeated),
+        ),
+        (
+            "created 0",
+            entry_fields(0, -1, 0, 1, b"v", &[b"t".to_vec()]),
+        ),
+        (
+            "fresh deadline 1 (long stale)",
+            entry_fields(0, 1, 5, 1, b"v", &[]),
+        ),
+        (
+            "fresh deadline far away",
+            entry_fields(0, i64::MAX, 5, 1, b"v", &[]),
+        ),
+        (
+            "lz4 frame",
+            entry_fields(
+                1,
+                4_102_444_800_000,
+                7,
+                value.len() as u64,
+                &frame,
+                &[b"a".to_vec(), b"\0b".to_vec()],
+            ),
+        ),
+        (
+            "empty lz4 frame",
+            entry_fields(1, -1, 7, 0, &lz4_frame(b""), &[]),
+        ),
+        (
+            "empty raw value",
+            entry_fields(0, -1, 7, 0, b"", &[b"e".to_vec()]),
+        ),
+    ];
+    let mut before = Vec::new();
+    for (i, (what, fields)) in cases.iter().enumerate() {
+        let key = format!("k{i}");
+        c.ok(&cmd!("RESTORE", &key, 0, craft(&dump, fields)));
+        let meta = c
+            .meta(&key)
+            .unwrap_or_else(|| panic!("{what}: no META"))
+            .stable();
+        before.push((what.to_string(), key.clone(), meta, c.get_encoded(&key)));
+    }
+    // Whatever else RESTORE accepts must survive too (the 65,536-tag payload is left out: before the
+    // load was fixed, its RESTORE alone outlasted the client's timeout).
+    let mut accepted = 0;
+    for (i, (what, fields)) in refused_cases()
+        .into_iter()
+        .enumerate()
+        .filter(|(_, (w, _))| !w.starts_with("65,536"))
+    {
+        let key = format!("crafted{i}");
+        if c.try_run(&cmd!("RESTORE", &key, 0, craft(&dump, &fields)))
+            .is_ok()
+        {
+            accepted += 1;
+            let meta = c.meta(&key).map(|m| m.stable());
+            let encoded = c
+                .try_run(&cmd!("TIERCACHE.GET", &key, "ENCODED"))
+                .ok()
+                .and_then(|_| c.get_encoded(&key));
+            before.push((
+                format!("crafted: {what}"),
+                key,
+                meta.unwrap_or_else(|| panic!("{what}: no META")),
+                encoded,
+            ));
+        }
+    }
+    c.run(&cmd!("BGREWRITEAOF"));
+    s.wait_no_background_job();
+    assert_eq!(aof_base_suffix(&s), "aof");
+    drop(c);
+    s.restart();
+    let mut c = s.conn_proto(p);
+    for (what, key, meta, encoded) in &before {
+        let back = c
+            .meta(key)
+            .unwrap_or_else(|| panic!("{what}: {key} vanished on the AOF restart"));
+        assert_eq!(&back.stable(), meta, "{what}");
+        assert_eq!(&c.get_encoded(key), encoded, "{what}");
+    }
+    assert_eq!(c.stats().get("entries"), (cases.len() + accepted) as i64);
 }

@@ -56,6 +56,18 @@ pub enum Storage {
     Verbatim(Encoding),
 }
 
+impl Storage {
+    /// The size `value` has once decoded when stored this way: its length, or the size an lz4 frame
+    /// announces (the header is checked, the body is not decoded). Lets a caller refuse a value by its
+    /// decoded size before paying for it.
+    pub fn decoded_len(self, value: &[u8]) -> Result<usize, FrameError> {
+        match self {
+            Storage::Verbatim(Encoding::Lz4) => lz4::original_len(value),
+            Storage::Auto { .. } | Storage::Verbatim(Encoding::Raw) => Ok(value.len()),
+        }
+    }
+}
+
 /// One cached value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -275,6 +287,31 @@ mod tests {
         assert!(e.refresh_early(9_400, 1.0, 0.001));
         assert!(!e.refresh_early(9_400, 0.1, 0.001), "a small beta refreshes later");
         assert!(!e.refresh_early(9_950, 1.0, 0.0), "rand outside (0, 1]");
+    }
+
+    #[test]
+    fn decoded_len_reads_the_frame_header_only() {
+        let frame = lz4::compress(&[0u8; 100_000]);
+        assert!(frame.len() < 1000);
+        assert_eq!(
+            Storage::Verbatim(Encoding::Lz4).decoded_len(&frame),
+            Ok(100_000)
+        );
+        assert_eq!(
+            Storage::Verbatim(Encoding::Raw).decoded_len(&frame),
+            Ok(frame.len())
+        );
+        assert_eq!(
+            Storage::Auto {
+                compress_min_size: 0
+            }
+            .decoded_len(b"abc"),
+            Ok(3)
+        );
+        assert_eq!(
+            Storage::Verbatim(Encoding::Lz4).decoded_len(b"xy"),
+            Err(FrameError::BadHeader)
+        );
     }
 
     #[test]

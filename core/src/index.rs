@@ -315,6 +315,26 @@ impl Registry {
         self.slot_of(db, tag).map(|s| s.keys.iter().take(n).map(|k| &k[..]).collect()).unwrap_or_default()
     }
 
+    /// Up to `n` keys of live entries carrying `tag` in `db` for which `keep` holds (TAGKEYS for a user
+    /// whose ACL key patterns may hide some of them).
+    pub fn tag_keys_where(
+        &self,
+        db: usize,
+        tag: &[u8],
+        n: usize,
+        mut keep: impl FnMut(&[u8]) -> bool,
+    ) -> Vec<&[u8]> {
+        let Some(s) = self.slot_of(db, tag) else {
+            return Vec::new();
+        };
+        s.keys
+            .iter()
+            .map(|k| &k[..])
+            .filter(|k| keep(k))
+            .take(n)
+            .collect()
+    }
+
     /// Forgets one database (FLUSHDB) or all of them (`None`, FLUSHALL and full reloads).
     pub fn flush(&mut self, db: Option<usize>) {
         match db {

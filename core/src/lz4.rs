@@ -82,6 +82,13 @@ pub fn decompress_into(frame: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError
     }
 }
 
+/// Checks that a frame decodes to exactly the size it announces (no more than [`MAX_ORIGINAL_LEN`]),
+/// and returns that size. Decodes into a temporary buffer of the announced size, freed before returning:
+/// this is what an RDB load pays so that a read can never find an unreadable entry.
+pub fn check(frame: &[u8]) -> Result<usize, FrameError> {
+    decompress(frame).map(|v| v.len())
+}
+
 /// Decodes a frame into a new vector.
 pub fn decompress(frame: &[u8]) -> Result<Vec<u8>, FrameError> {
     let mut out = Vec::new();
@@ -147,5 +154,32 @@ mod tests {
             *b ^= 0x5a;
         }
         assert!(decompress(&frame).is_err());
+        assert!(check(&frame).is_err());
+    }
+
+    #[test]
+    fn check_decodes_the_whole_frame() {
+        let src = json_row(4096);
+        let frame = compress(&src);
+        assert_eq!(check(&frame), Ok(4096));
+        // A valid header over a body that stops short: the header check alone passes, the decode does not.
+        let short = &frame[..frame.len() - 3];
+        assert_eq!(original_len(short), Ok(4096));
+        assert_eq!(check(short), Err(FrameError::Corrupt));
+    }
+
+    #[test]
+    fn decoding_never_writes_more_than_announced() {
+        // A frame announcing fewer bytes than its block produces: refused, not decoded past the size.
+        let src = json_row(4096);
+        let mut frame = compress(&src);
+        frame[..HEADER_LEN].copy_from_slice(&100u32.to_le_bytes());
+        let mut out = Vec::new();
+        assert_eq!(decompress_into(&frame, &mut out), Err(FrameError::Corrupt));
+        assert!(
+            out.capacity() <= 100,
+            "grew to {} for a 100-byte announcement",
+            out.capacity()
+        );
     }
 }

@@ -17,13 +17,16 @@
 
 use std::fmt;
 
-use crate::entry::{Encoding, Entry};
+use crate::entry::{Encoding, Entry, NO_DEADLINE};
+use crate::lz4;
 use crate::tags::{TagList, DEAD};
 
 /// The encoding version written today.
 pub const ENCODING_VERSION: i32 = 2;
-/// At most this many tags are read back, whatever the payload claims.
-pub const MAX_PERSISTED_TAGS: u64 = 65_536;
+/// At most this many tags are read back, whatever the payload claims: the upper bound of
+/// `tiercache.max-tags`, which no `TIERCACHE.SET` can exceed. A SET replayed from a master or the AOF
+/// ignores the local `max-tags` but not this bound, so a load and a replay accept the same entries.
+pub const MAX_PERSISTED_TAGS: u64 = 1024;
 
 /// Where fields are written.
 pub trait Sink {
@@ -81,15 +84,33 @@ pub fn save(entry: &Entry, invalidated: bool, out: &mut impl Sink) {
 }
 
 /// Reads an entry written with encoding version `version`.
+///
+/// Only entries that `TIERCACHE.SET` could have written are accepted, so that whatever a load (RDB,
+/// RESTORE, full sync) accepts, the AOF form of it (a replayed SET) accepts too: a known encoding, no
+/// fresh deadline or a positive one, a creation time of 0 or more, a decoded size of at most
+/// [`lz4::MAX_ORIGINAL_LEN`], an lz4 frame that decodes to exactly its announced size, at most
+/// [`MAX_PERSISTED_TAGS`] tags and no empty tag.
 pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
     if !(1..=ENCODING_VERSION).contains(&version) {
         return Err(LoadError::UnknownVersion(version));
     }
     let encoding = Encoding::from_code(src.get_unsigned()?).ok_or(LoadError::Invalid("encoding"))?;
     let fresh_until = src.get_signed()?;
+    if fresh_until != NO_DEADLINE && fresh_until <= 0 {
+        return Err(LoadError::Invalid("fresh deadline"));
+    }
     let created = src.get_signed()?;
+    if created < 0 {
+        return Err(LoadError::Invalid("creation time"));
+    }
     let size = usize::try_from(src.get_unsigned()?).map_err(|_| LoadError::Invalid("size"))?;
+    if size > lz4::MAX_ORIGINAL_LEN {
+        return Err(LoadError::Invalid("size"));
+    }
     let data = src.get_bytes()?.into_boxed_slice();
+    if encoding == Encoding::Lz4 && lz4::check(&data) != Ok(size) {
+        return Err(LoadError::Invalid("lz4 frame"));
+    }
     let ntags = src.get_unsigned()?;
     if ntags > MAX_PERSISTED_TAGS {
         return Err(LoadError::Invalid("tag count"));
@@ -159,7 +180,7 @@ impl Source for std::vec::IntoIter<Field> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::entry::{Storage, NO_DEADLINE};
+    use crate::entry::Storage;
 
     fn sample(value: &[u8], tags: &[&[u8]]) -> Entry {
         Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, TagList::new(tags))
@@ -223,6 +244,61 @@ mod tests {
         assert_eq!(load(&mut bad.into_iter(), 2), Err(LoadError::Invalid("flags")));
         assert_eq!(load(&mut fields.clone().into_iter(), 3), Err(LoadError::UnknownVersion(3)));
         assert_eq!(load(&mut fields.into_iter(), 0), Err(LoadError::UnknownVersion(0)));
+    }
+
+    #[test]
+    fn fields_set_would_refuse_are_errors() {
+        let big = b"xyz".repeat(100);
+        let e = sample(&big, &[b"a"]);
+        assert_eq!(e.encoding(), Encoding::Lz4);
+        let mut fields: Vec<Field> = Vec::new();
+        save(&e, false, &mut fields);
+        let with = |i: usize, f: Field| {
+            let mut bad = fields.clone();
+            bad[i] = f;
+            load(&mut bad.into_iter(), 2)
+        };
+        assert_eq!(
+            with(1, Field::Signed(0)),
+            Err(LoadError::Invalid("fresh deadline"))
+        );
+        assert_eq!(
+            with(1, Field::Signed(-2)),
+            Err(LoadError::Invalid("fresh deadline"))
+        );
+        assert!(with(1, Field::Signed(NO_DEADLINE)).is_ok());
+        assert!(with(1, Field::Signed(1)).is_ok());
+        assert_eq!(
+            with(2, Field::Signed(-1)),
+            Err(LoadError::Invalid("creation time"))
+        );
+        assert!(with(2, Field::Signed(0)).is_ok());
+        assert_eq!(
+            with(3, Field::Unsigned(lz4::MAX_ORIGINAL_LEN as u64 + 1)),
+            Err(LoadError::Invalid("size"))
+        );
+        let Field::Bytes(frame) = &fields[4] else {
+            panic!("stored bytes")
+        };
+        assert_eq!(
+            with(4, Field::Bytes(frame[..frame.len() - 2].to_vec())),
+            Err(LoadError::Invalid("lz4 frame"))
+        );
+        // The tag count bound is the upper bound of tiercache.max-tags.
+        let names: Vec<Vec<u8>> = (0..=MAX_PERSISTED_TAGS)
+            .map(|i| i.to_string().into_bytes())
+            .collect();
+        for n in [MAX_PERSISTED_TAGS, MAX_PERSISTED_TAGS + 1] {
+            let tags: Vec<&[u8]> = names[..n as usize].iter().map(Vec::as_slice).collect();
+            let mut many: Vec<Field> = Vec::new();
+            save(&sample(b"v", &tags), false, &mut many);
+            let r = load(&mut many.into_iter(), 2);
+            if n == MAX_PERSISTED_TAGS {
+                assert_eq!(r.map(|e| e.tags().len()), Ok(n as usize));
+            } else {
+                assert_eq!(r, Err(LoadError::Invalid("tag count")));
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub const DEAD: u64 = u64::MAX;
 const EPOCH_LEN: usize = 8;
 const SLOT_LEN: usize = 4;
 const HEAD: usize = EPOCH_LEN + SLOT_LEN;
+/// Up to this many tags, repeats are found by scanning the tags before each one (cheaper than hashing
+/// for the few tags an entry usually has); above it, with a hash set.
+const LINEAR_DEDUP_MAX: usize = 16;
 
 /// The tags of one entry, in the order first given, without duplicates.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -51,18 +54,34 @@ impl TagList {
 
     /// Builds a list from tags (all [`PENDING`]), dropping repeats (the first occurrence keeps its place).
     /// One exact-size allocation; none for no tags.
+    ///
+    /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of
+    /// the few before each tag below it), so a long list costs no more to load than to read.
     pub fn new(tags: &[&[u8]]) -> Self {
         if tags.is_empty() {
             return TagList(None);
         }
-        let first = |i: usize| !tags[..i].contains(&tags[i]);
-        let size: usize = (0..tags.len()).filter(|&i| first(i)).map(|i| HEAD + varint_len(tags[i].len()) + tags[i].len()).sum();
+        let first: Vec<bool> = if tags.len() <= LINEAR_DEDUP_MAX {
+            (0..tags.len())
+                .map(|i| !tags[..i].contains(&tags[i]))
+                .collect()
+        } else {
+            let mut seen = ahash::AHashSet::with_capacity(tags.len());
+            tags.iter().map(|t| seen.insert(*t)).collect()
+        };
+        let kept = || {
+            tags.iter()
+                .zip(&first)
+                .filter(|(_, &keep)| keep)
+                .map(|(t, _)| *t)
+        };
+        let size: usize = kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
         let mut buf = Vec::with_capacity(size);
-        for i in (0..tags.len()).filter(|&i| first(i)) {
+        for t in kept() {
             buf.extend_from_slice(&PENDING.to_le_bytes());
             buf.extend_from_slice(&0u32.to_le_bytes());
-            put_varint(&mut buf, tags[i].len());
-            buf.extend_from_slice(tags[i]);
+            put_varint(&mut buf, t.len());
+            buf.extend_from_slice(t);
         }
         TagList(Some(buf.into_boxed_slice()))
     }
@@ -181,6 +200,29 @@ mod tests {
         assert!(list.contains(b"a\0b"));
         assert!(!list.contains(b"a"));
         assert!(list.with_epochs().all(|(e, _)| e == PENDING));
+    }
+
+    #[test]
+    fn long_lists_drop_repeats_like_short_ones() {
+        let names: Vec<Vec<u8>> = (0..70_000)
+            .map(|i| format!("t{}", i % 50_000).into_bytes())
+            .collect();
+        let tags: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+        let list = TagList::new(&tags);
+        assert_eq!(list.len(), 50_000);
+        assert!(
+            list.iter().zip(&tags).all(|(a, b)| a == *b),
+            "first occurrences, in order"
+        );
+        let short: Vec<&[u8]> = vec![b"a", b"b", b"a", b"c", b"b"];
+        for n in [LINEAR_DEDUP_MAX, LINEAR_DEDUP_MAX + 1] {
+            let many: Vec<&[u8]> = short.iter().cycle().take(n).copied().collect();
+            assert_eq!(
+                TagList::new(&many).iter().collect::<Vec<_>>(),
+                vec![&b"a"[..], b"b", b"c"],
+                "{n} tags"
+            );
+        }
     }
 
     #[test]

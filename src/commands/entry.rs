@@ -6,11 +6,13 @@ use std::os::raw::c_int;
 use tiercache_core::args::{parse_get, parse_set, Compression, GetArgs, LeaseArgs};
 use tiercache_core::lease::Acquire;
 use tiercache_core::entry::Storage;
+use tiercache_core::lz4::MAX_ORIGINAL_LEN;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
-use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS};
+use crate::acl::{self, Access};
+use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
@@ -30,15 +32,17 @@ const SCRATCH_KEEP: usize = 1 << 20;
 /// TIERCACHE.SET key value [EX s | PX ms | EXAT unix-s | PXAT unix-ms] [KEEPTTL] [STALE s]
 ///   [TAGS numtags tag [tag ...]] [NOCOMPRESS | ENCODING raw|lz4] [CREATED unix-ms]
 ///
-/// Everything is validated and the entry is built before the key is touched, so an error changes
-/// nothing. The write is propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+/// A value whose decoded size exceeds `tiercache.max-value-size` is refused. Everything is validated
+/// and the entry is built before the key is touched, so an error changes nothing. The write is
+/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
 pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
     }
     let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
-    // not be lost because this server's tiercache.max-tags is lower.
+    // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
+    // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
     let max_tags = if replayed(ctx) { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
     let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
@@ -53,6 +57,37 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         Compression::Auto => Storage::Auto { compress_min_size: COMPRESS_MIN_SIZE.get() as usize },
         Compression::Verbatim(encoding) => Storage::Verbatim(encoding),
     };
+    // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
+    // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
+    let max_value = if replayed(ctx) {
+        MAX_ORIGINAL_LEN
+    } else {
+        MAX_VALUE_SIZE.get() as usize
+    };
+    match storage.decoded_len(bytes(args[2])) {
+        Ok(n) if n > max_value => {
+            return reply::error(
+                ctx,
+                &format!("ERR value too large: {n} bytes decoded, more than tiercache.max-value-size ({max_value})"),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+    }
+    // Attaching the entry to a tag needs write permission on the tag (see acl.rs); the key itself was
+    // checked by Redis from the command's key spec.
+    if !parsed.tags.is_empty() {
+        let tag_args = parsed
+            .tags_at
+            .and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
+        let checked = match tag_args {
+            Some(tag_args) => acl::check(ctx, tag_args, Access::Write).map(drop),
+            None => acl::check_bytes(ctx, &parsed.tags, Access::Write),
+        };
+        if let Err(e) = checked {
+            return reply::error(ctx, e);
+        }
+    }
     let tags = TagList::new(&parsed.tags);
     let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
         Ok(e) => e,

@@ -4,6 +4,7 @@ use std::os::raw::c_int;
 
 use tiercache_core::num::parse_i64;
 
+use crate::acl::{self, Access};
 use crate::ffi::{api, bytes, Ctx, RStr};
 use crate::reply;
 use crate::stats;
@@ -28,6 +29,10 @@ pub fn invalidate(ctx: Ctx, args: &[RStr]) -> c_int {
     if tags.iter().any(|t| t.is_empty()) {
         return reply::error(ctx, "ERR tags must not be empty strings");
     }
+    // Invalidating deletes entries: write permission on every tag, or nothing is invalidated.
+    if let Err(e) = acl::check(ctx, &args[1..], Access::Write) {
+        return reply::error(ctx, e);
+    }
     let count = tagindex::invalidate(ctx, &tags);
     // SAFETY: live command context.
     unsafe { api!(RedisModule_ReplicateVerbatim)(ctx) };
@@ -39,6 +44,9 @@ pub fn invalidate(ctx: Ctx, args: &[RStr]) -> c_int {
 pub fn tagcount(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() != 2 {
         return reply::wrong_arity(ctx);
+    }
+    if let Err(e) = acl::check(ctx, &args[1..2], Access::Read) {
+        return reply::error(ctx, e);
     }
     let db = tagindex::selected_db(ctx);
     let n = tagindex::with(|r| r.tag_count(db, bytes(args[1]))).unwrap_or(0);
@@ -57,9 +65,23 @@ pub fn tagkeys(ctx: Ctx, args: &[RStr]) -> c_int {
         n if n >= 3 => return reply::error(ctx, "ERR syntax error"),
         _ => return reply::wrong_arity(ctx),
     };
+    let user = match acl::check(ctx, &args[1..2], Access::Read) {
+        // A user who may read every key (the default user's ~*) needs no per-key check.
+        Ok(user) => user.filter(|u| !u.may_all_keys(Access::Read)),
+        Err(e) => return reply::error(ctx, e),
+    };
     let db = tagindex::selected_db(ctx);
-    let keys: Vec<Vec<u8>> =
-        tagindex::with(|r| r.tag_keys(db, bytes(args[1]), count).into_iter().map(<[u8]>::to_vec).collect()).unwrap_or_default();
+    let tag = bytes(args[1]);
+    // Only keys the user may read are listed (up to COUNT of them). The ACL check reads the user's
+    // patterns and nothing else (no keyspace access, so no unlink callback can need the index).
+    let keys: Vec<Vec<u8>> = tagindex::with(|r| {
+        let keys = match &user {
+            None => r.tag_keys(db, tag, count),
+            Some(u) => r.tag_keys_where(db, tag, count, |k| u.may_bytes(k, Access::Read)),
+        };
+        keys.into_iter().map(<[u8]>::to_vec).collect()
+    })
+    .unwrap_or_default();
     reply::array(ctx, keys.len());
     for k in &keys {
         reply::bulk(ctx, k);

@@ -718,11 +718,15 @@ pub fn cmd_text(c: &redis::Cmd) -> String {
     let mut parts = Vec::new();
     for a in c.args_iter() {
         if let redis::Arg::Simple(b) = a {
-            let s = String::from_utf8_lossy(b);
-            if s.len() > 60 {
-                parts.push(format!("{}...({} bytes)", &s[..40.min(s.len())], b.len()));
+            if b.len() > 60 {
+                // Cut the bytes, not the text: a lossy conversion of binary data has multi-byte characters.
+                parts.push(format!(
+                    "{}...({} bytes)",
+                    String::from_utf8_lossy(&b[..40]),
+                    b.len()
+                ));
             } else {
-                parts.push(s.into_owned());
+                parts.push(String::from_utf8_lossy(b).into_owned());
             }
         }
     }

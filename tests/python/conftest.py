@@ -250,7 +250,13 @@ def r(server, protocol) -> redis.Redis:
     yield c
     # Put back configs a failing test may have left changed (a missing config is reported elsewhere).
     if server.alive():
-        for name, value in (("tiercache.compress-min-size", "1024"), ("tiercache.max-tags", "32")):
+        for name, value in (
+            ("tiercache.compress-min-size", "1024"),
+            ("tiercache.max-tags", "32"),
+            ("tiercache.max-value-size", "67108864"),
+            ("tiercache.max-lease-ms", "60000"),
+            ("tiercache.max-wait-ms", "60000"),
+        ):
             try:
                 c.config_set(name, value)
             except redis.RedisError:

@@ -1,13 +1,30 @@
-"""Module configs tiercache.compress-min-size and tiercache.max-tags: defaults, CONFIG GET/SET with bounds,
-their effect, and setting them as loadmodule args, on the command line and in redis.conf."""
+"""Module configs tiercache.compress-min-size, tiercache.max-tags and tiercache.max-value-size: defaults,
+CONFIG GET/SET with bounds, their effect, and setting them as loadmodule args, on the command line and in
+redis.conf."""
 
 import pytest
 import redis
 
-from helpers import compressible, config_get, meta, normalise, raw_command, raises_exact, tc_get, tc_set
+from helpers import (
+    compressible,
+    config_get,
+    lz4_frame,
+    meta,
+    normalise,
+    raw_command,
+    raises_exact,
+    tc_get,
+    tc_set,
+)
 
 CMS = "tiercache.compress-min-size"
 MAX_TAGS = "tiercache.max-tags"
+MVS = "tiercache.max-value-size"
+DEFAULTS = {CMS: 1024, MAX_TAGS: 32, MVS: 64 << 20}
+
+
+def too_large(n, limit):
+    return f"ERR value too large: {n} bytes decoded, more than tiercache.max-value-size ({limit})"
 
 
 def tags(n):
@@ -17,6 +34,7 @@ def tags(n):
 def test_defaults(r):
     assert config_get(r, CMS) == b"1024"
     assert config_get(r, MAX_TAGS) == b"32"
+    assert config_get(r, MVS) == b"67108864"
 
 
 def test_config_get_pattern_lists_all(r):
@@ -24,6 +42,7 @@ def test_config_get_pattern_lists_all(r):
     assert d == {
         CMS: b"1024",
         MAX_TAGS: b"32",
+        MVS: b"67108864",
         "tiercache.reclaim-budget": b"1000",
         "tiercache.max-lease-ms": b"60000",
         "tiercache.max-wait-ms": b"60000",
@@ -33,8 +52,8 @@ def test_config_get_pattern_lists_all(r):
 
 @pytest.mark.parametrize(
     "name,values",
-    [(CMS, [0, 1, 4096, 536870912]), (MAX_TAGS, [0, 1, 8, 1024])],
-    ids=["compress-min-size", "max-tags"],
+    [(CMS, [0, 1, 4096, 536870912]), (MAX_TAGS, [0, 1, 8, 1024]), (MVS, [1024, 4096, 536870912])],
+    ids=["compress-min-size", "max-tags", "max-value-size"],
 )
 def test_config_set_within_bounds(r, name, values):
     try:
@@ -42,23 +61,28 @@ def test_config_set_within_bounds(r, name, values):
             assert r.config_set(name, v)
             assert config_get(r, name) == str(v).encode()
     finally:
-        r.config_set(name, 1024 if name == CMS else 32)
+        r.config_set(name, DEFAULTS[name])
 
 
 @pytest.mark.parametrize(
     "name,bad",
-    [(CMS, [-1, 536870913, "abc", "1.5", ""]), (MAX_TAGS, [-1, 1025, "many", "99999999999999999999"])],
-    ids=["compress-min-size", "max-tags"],
+    [
+        (CMS, [-1, 536870913, "abc", "1.5", ""]),
+        (MAX_TAGS, [-1, 1025, "many", "99999999999999999999"]),
+        (MVS, [0, 1023, 536870913, "64mb", ""]),
+    ],
+    ids=["compress-min-size", "max-tags", "max-value-size"],
 )
 def test_config_set_out_of_range_is_refused(r, name, bad):
+    keep = 2000 if name == MVS else 77
     try:
-        r.config_set(name, 77)
+        r.config_set(name, keep)
         for v in bad:
             with pytest.raises(redis.ResponseError):
                 r.config_set(name, v)
-            assert config_get(r, name) == b"77", v
+            assert config_get(r, name) == str(keep).encode(), v
     finally:
-        r.config_set(name, 1024 if name == CMS else 32)
+        r.config_set(name, DEFAULTS[name])
 
 
 def test_unknown_config_is_refused(r):
@@ -85,6 +109,51 @@ def test_max_tags_config_applies(r):
         assert meta(r, b"forty")["tags"] == tags(40)
     finally:
         r.config_set(MAX_TAGS, 32)
+
+
+def test_max_value_size_refuses_a_decompression_bomb(r):
+    """A 2 MiB lz4 frame announcing 512 MiB is refused by its header before anything is decoded, and
+    the key keeps its old value."""
+    bomb = lz4_frame(bytes(512 << 20))
+    assert len(bomb) < 3 << 20
+    tc_set(r, b"k", b"old")
+    with raises_exact(too_large(512 << 20, 64 << 20)):
+        tc_set(r, b"k", bomb, "ENCODING", "lz4")
+    assert tc_get(r, b"k") == b"old"
+
+
+def test_max_value_size_config_applies(r):
+    try:
+        r.config_set(MVS, 1024)
+        assert tc_set(r, b"ok", b"x" * 1024, "NOCOMPRESS") == b"OK"
+        assert tc_set(r, b"okz", lz4_frame(b"z" * 1024), "ENCODING", "lz4") == b"OK"
+        for value, opts in [
+            (compressible(1025), ()),
+            (b"x" * 1025, ("NOCOMPRESS",)),
+            (b"x" * 1025, ("ENCODING", "raw")),
+            (lz4_frame(b"z" * 1025), ("ENCODING", "lz4")),
+        ]:
+            with raises_exact(too_large(1025, 1024)):
+                tc_set(r, b"bad", value, *opts)
+            assert r.exists(b"bad") == 0, opts
+    finally:
+        r.config_set(MVS, DEFAULTS[MVS])
+    assert tc_set(r, b"bad", compressible(1025)) == b"OK"
+
+
+def test_max_value_size_on_the_command_line_and_in_redis_conf(start_server, module, tmp_path):
+    conf = tmp_path / "redis.conf"
+    conf.write_text(f"loadmodule {module}\ntiercache.max-value-size 2048\n")
+    for srv in [
+        start_server(args=["--tiercache.max-value-size", "2048"], name="mvs-cmdline"),
+        start_server(module_args=["max-value-size", "2048"], name="mvs-modargs"),
+        start_server(name="mvs-conf", load_module=False, config_file=conf),
+    ]:
+        c = srv.client(protocol=3)
+        assert config_get(c, MVS) == b"2048"
+        assert tc_set(c, b"k", b"x" * 2048) == b"OK"
+        with raises_exact(too_large(2049, 2048)):
+            tc_set(c, b"k", b"x" * 2049)
 
 
 def test_compress_min_size_max_never_compresses_normal_values(r):
@@ -149,8 +218,10 @@ def test_redis_conf_config(start_server, module, tmp_path):
         ["max-tags", "-1"],
         ["compress-min-size", "536870913"],
         ["compress-min-size", "lots"],
+        ["max-value-size", "1023"],
+        ["max-value-size", "536870913"],
     ],
-    ids=["unknown-name", "max-tags-too-big", "max-tags-negative", "cms-too-big", "cms-not-int"],
+    ids=["unknown-name", "max-tags-too-big", "max-tags-negative", "cms-too-big", "cms-not-int", "mvs-too-small", "mvs-too-big"],
 )
 def test_bad_loadmodule_args_refuse_to_load(start_server, module_args):
     srv = start_server(module_args=module_args, name="badargs", start=False)

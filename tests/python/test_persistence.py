@@ -12,6 +12,7 @@ from helpers import (
     info_section,
     meta,
     populate,
+    stable,
     stats,
     tc_get,
     tc_set,
@@ -166,3 +167,85 @@ def test_aof_keeps_stored_bytes_when_config_changes(start_server, preamble):
     srv.restart()
     c = srv.client(protocol=2)
     assert {k: tc_get(c, k, "ENCODED") for k in (b"small", b"raw")} == want
+
+
+# ---- crafted DUMP payloads (the RDB layout in core/src/persist.rs) ---------------------------------------
+
+_CRC_TABLE = []
+for _i in range(256):
+    _c = _i
+    for _ in range(8):
+        _c = (_c >> 1) ^ 0x95AC9329AC4BC9B5 if _c & 1 else _c >> 1
+    _CRC_TABLE.append(_c)
+
+
+def crc64(data: bytes) -> int:
+    """Redis's CRC-64 (Jones polynomial, reflected), as in the DUMP footer."""
+    crc = 0
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+def rdb_len(v: int) -> bytes:
+    if v < 64:
+        return bytes([v])
+    if v < 16384:
+        return bytes([0x40 | (v >> 8), v & 0xFF])
+    if v <= 0xFFFFFFFF:
+        return b"\x80" + v.to_bytes(4, "big")
+    return b"\x81" + v.to_bytes(8, "big")
+
+
+def craft(template: bytes, encoding, fresh_until, created, size, data, tags) -> bytes:
+    """A DUMP payload with the template's module header (type byte 7 + 9-byte module id) and RDB
+    version, the given entry fields (signed fields are saved as unsigned bits) and a valid CRC."""
+    assert template[0] == 7 and template[1] == 0x81
+    u = lambda v: b"\x02" + rdb_len(v & 0xFFFFFFFFFFFFFFFF)  # noqa: E731
+    s = lambda b: b"\x05" + rdb_len(len(b)) + b  # noqa: E731
+    body = template[:10] + u(encoding) + u(fresh_until) + u(created) + u(size) + s(data) + u(len(tags))
+    body += b"".join(s(t) for t in tags) + u(0) + b"\x00" + template[-10:-8]
+    return body + crc64(body).to_bytes(8, "little")
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_restore_refuses_what_set_refuses_and_keeps_what_it_accepts(start_server, protocol):
+    """RESTORE refuses payloads TIERCACHE.SET would refuse (before, it accepted them and an AOF restart
+    without the preamble dropped them silently); what it accepts survives that restart identically."""
+    import lz4.block
+    import redis
+
+    srv = start_server(args=["--appendonly", "yes", "--aof-use-rdb-preamble", "no"], name="crafted")
+    c = srv.client(protocol=protocol)
+    wait_no_rewrite(c)
+    tc_set(c, b"template", b"v", "TAGS", 1, b"t")
+    template = c.dump(b"template")
+    c.delete(b"template")
+    value = compressible(6000)
+    frame = lz4.block.compress(value, store_size=True)
+    far = 4_102_444_800_000
+    refused = {
+        "65536 tags": (0, -1, 1, 1, b"v", [b"t%d" % i for i in range(65536)]),
+        "negative created": (0, -1, -1, 1, b"v", [b"t"]),
+        "fresh deadline 0": (0, 0, 1, 1, b"v", [b"t"]),
+        "lz4 body that does not decode": (1, far, 1, len(value), frame[:-3], [b"t"]),
+        "lz4 header announcing 600 MiB": (1, far, 1, 600 << 20, (600 << 20).to_bytes(4, "little") + frame[4:], []),
+        "size longer than the frame's": (1, far, 1, len(value) + 1, frame, []),
+    }
+    for what, fields in refused.items():
+        with pytest.raises(redis.ResponseError, match="^Bad data format$"):
+            c.restore(b"bad", 0, craft(template, *fields))
+        assert c.exists(b"bad") == 0, what
+    accepted = {
+        b"k1024": (0, -1, 1, 1, b"v", [b"t%d" % i for i in range(1024)]),
+        b"kcreated0": (0, -1, 0, 1, b"v", [b"t"]),
+        b"klz4": (1, far, 7, len(value), frame, [b"a", b"\0b"]),
+    }
+    for key, fields in accepted.items():
+        assert c.restore(key, 0, craft(template, *fields))
+    before = {k: (stable(meta(c, k)), tc_get(c, k)) for k in accepted}
+    c.bgrewriteaof()
+    wait_no_rewrite(c)
+    srv.restart()
+    c = srv.client(protocol=protocol)
+    assert {k: (stable(meta(c, k)), tc_get(c, k)) for k in accepted} == before
