@@ -7,7 +7,8 @@
 //! ENCODED `TIERCACHE.GET`, lease reads without WAIT (ENCODED, WITHTTL), `TIERCACHE.META`, native `DEL`
 //! and `TIERCACHE.DEL`, `TIERCACHE.INVALIDATE` (including one that overflows a lease's 64 remembered
 //! tags), `TIERCACHE.TAGCOUNT`, `TIERCACHE.TAGKEYS [COUNT]` and `TIERCACHE.RELEASE [PASS]`, over a
-//! small key pool. After each sequence every key's META, every tag's keys and the STATS counters
+//! small key pool in two databases (`SELECT`), with native `SET` (WRONGTYPE), `PERSIST` and
+//! `PEXPIREAT` (future, or past, which deletes) on the same keys. After each sequence every key's META, every tag's keys and the STATS counters
 //! (deltas) and gauges are compared with the model as well.
 //!
 //! Time: no assertion depends on how long anything takes. Deadlines are either far in the future
@@ -176,6 +177,22 @@ enum Op {
         tok: Tok,
         pass: bool,
     },
+    /// SELECT 0 or 1: keys, tags and leases belong to a database.
+    Select {
+        db: u8,
+    },
+    /// Native SET: the key holds a string (WRONGTYPE for the module's commands on it).
+    NativeSet {
+        key: usize,
+    },
+    Persist {
+        key: usize,
+    },
+    /// PEXPIREAT to 2096, or to 1970 (which deletes the key).
+    PexpireAt {
+        key: usize,
+        past: bool,
+    },
 }
 
 fn tag_name(i: usize) -> &'static [u8] {
@@ -225,15 +242,21 @@ fn set_strategy() -> impl Strategy<Value = SetOp> {
     (
         0..KEYS.len(),
         val_strategy(),
-        fresh_strategy(),
+        prop_oneof![
+            4 => (
+                fresh_strategy(),
+                prop_oneof![6 => Just(None), 1 => Just(Some(0)), 1 => Just(Some(5)), 3 => Just(Some(LONG_STALE_S))],
+            ),
+            // Stale from the start, for a century: the stale paths without waiting.
+            1 => Just((Fresh::Pxat(PAST_MS), Some(LONG_STALE_S))),
+        ],
         prop::bool::weighted(0.15),
-        prop_oneof![6 => Just(None), 1 => Just(Some(0)), 1 => Just(Some(5)), 3 => Just(Some(LONG_STALE_S))],
         prop::option::weighted(0.6, prop::collection::vec(0..TAGS.len(), 0..4)),
         enc,
         prop::option::weighted(0.2, 0i64..2_000_000_000_000),
         prop::option::weighted(0.35, tok_strategy()),
     )
-        .prop_map(|(key, val, fresh, keepttl, stale, tags, enc, created, lease)| SetOp {
+        .prop_map(|(key, val, (fresh, stale), keepttl, tags, enc, created, lease)| SetOp {
             key,
             val,
             fresh,
@@ -259,7 +282,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         5 => (0..TAGS.len() + OTHER_TAGS.len()).prop_map(|tag| Op::TagCount { tag }),
         5 => (0..TAGS.len() + OTHER_TAGS.len(), prop::option::weighted(0.4, prop_oneof![Just(0i64), Just(1), Just(2), Just(100)]))
             .prop_map(|(tag, count)| Op::TagKeys { tag, count }),
-        8 => (key, tok_strategy(), any::<bool>()).prop_map(|(key, tok, pass)| Op::Release { key, tok, pass }),
+        8 => (key.clone(), tok_strategy(), any::<bool>()).prop_map(|(key, tok, pass)| Op::Release { key, tok, pass }),
+        3 => (0u8..2).prop_map(|db| Op::Select { db }),
+        2 => key.clone().prop_map(|key| Op::NativeSet { key }),
+        2 => key.clone().prop_map(|key| Op::Persist { key }),
+        3 => (key, prop::bool::weighted(0.4)).prop_map(|(key, past)| Op::PexpireAt { key, past }),
     ]
 }
 
@@ -346,7 +373,12 @@ struct Counters {
 
 #[derive(Default)]
 struct Model {
+    /// The selected database.
+    db: u8,
+    /// Entries, strings and leases by qualified key: the database number, then the key (see `qk`).
     entries: BTreeMap<Vec<u8>, MEntry>,
+    /// Native strings, with whether they have a TTL.
+    strings: BTreeMap<Vec<u8>, bool>,
     leases: BTreeMap<Vec<u8>, MLease>,
     /// Every token the server gave out in this case, in order.
     tokens: Vec<Vec<u8>>,
@@ -360,6 +392,7 @@ struct Model {
 const NOT_HELD: &str =
     "FENCED the lease is not held by this token (expired, released or re-granted)";
 const KEY_CHANGED: &str = "FENCED the key was written or deleted after the lease was granted";
+const WRONGTYPE: &str = common::WRONGTYPE;
 const TAG_INVALIDATED: &str =
     "FENCED a tag of this entry was invalidated after the lease was granted";
 
@@ -426,6 +459,27 @@ impl Model {
         }
     }
 
+    /// The model's name for `key` in the selected database.
+    fn qk(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = vec![self.db];
+        k.extend_from_slice(key);
+        k
+    }
+
+    fn exists(&self, qk: &[u8]) -> bool {
+        self.entries.contains_key(qk) || self.strings.contains_key(qk)
+    }
+
+    /// Deletes a key of any type; true if it existed. A delete by a client fences its lease.
+    fn delete(&mut self, qk: &[u8]) -> bool {
+        let existed = self.entries.remove(qk).is_some() | self.strings.remove(qk).is_some();
+        if existed {
+            self.fence_key(qk);
+        }
+        existed
+    }
+
+    /// `key` is qualified (`qk`).
     fn token(&self, t: Tok, key: &[u8]) -> Vec<u8> {
         match t {
             Tok::Current => match self.leases.get(key) {
@@ -448,7 +502,7 @@ impl Model {
 
     /// TIERCACHE.SET: the expected reply, and whether the key was written already expired.
     fn set(&mut self, op: &SetOp, value_arg: &[u8]) -> (Want, bool) {
-        let key = KEYS[op.key].to_vec();
+        let key = self.qk(KEYS[op.key]);
         // Options, left to right: only LEASE's token can fail here with what the generator makes.
         let token = op.lease.map(|t| self.token(t, &key));
         if matches!(op.lease, Some(Tok::Invalid)) {
@@ -485,6 +539,9 @@ impl Model {
             .flatten()
             .map(|&i| TAGS[i].to_vec())
             .collect();
+        if self.strings.contains_key(&key) {
+            return (Want::Err(WRONGTYPE.into()), false);
+        }
         if let Some(token) = token {
             let Some(l) = self.leases.get(&key).filter(|l| l.token == token) else {
                 self.counters.fenced += 1;
@@ -557,14 +614,14 @@ impl Model {
         let hit: Vec<Vec<u8>> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.tags.iter().any(|t| tags.contains(t)))
+            .filter(|(k, e)| k[0] == self.db && e.tags.iter().any(|t| tags.contains(t)))
             .map(|(k, _)| k.clone())
             .collect();
         for k in &hit {
             self.entries.remove(k);
         }
-        for l in self.leases.values_mut() {
-            if l.all_tags {
+        for (k, l) in self.leases.iter_mut() {
+            if k[0] != self.db || l.all_tags {
                 continue;
             }
             l.invalidated.extend(tags.iter().cloned());
@@ -577,11 +634,12 @@ impl Model {
         hit.len() as i64
     }
 
+    /// The keys of the selected database whose entries carry `tag`, by their names.
     fn tag_keys(&self, tag: &[u8]) -> BTreeSet<Vec<u8>> {
         self.entries
             .iter()
-            .filter(|(_, e)| e.tags.iter().any(|t| t == tag))
-            .map(|(k, _)| k.clone())
+            .filter(|(k, e)| k[0] == self.db && e.tags.iter().any(|t| t == tag))
+            .map(|(k, _)| k[1..].to_vec())
             .collect()
     }
 
@@ -673,12 +731,17 @@ fn expect(got: &Value, want: &Want) -> Result<(), String> {
 }
 
 fn check_meta(model: &mut Model, key: &[u8], got: &Value, proto: Proto) -> Result<(), String> {
-    tally(match model.entries.get(key) {
+    let qk = model.qk(key);
+    tally(match model.entries.get(&qk) {
         Some(e) if e.fresh() => "META fresh",
         Some(_) => "META stale",
+        None if model.strings.contains_key(&qk) => "META wrongtype",
         None => "META nil",
     });
-    let Some(e) = model.entries.get(key).cloned() else {
+    if model.strings.contains_key(&qk) {
+        return expect(got, &Want::Err(WRONGTYPE.into()));
+    }
+    let Some(e) = model.entries.get(&qk).cloned() else {
         ensure!(
             *got == Value::Nil,
             "META {}: the model has no entry, the server answered {got:?}",
@@ -768,6 +831,11 @@ fn lease_get(
     withttl: bool,
     got: &Value,
 ) -> Result<(), String> {
+    let key = &model.qk(key)[..];
+    if model.strings.contains_key(key) {
+        tally("lease read WRONGTYPE");
+        return expect(got, &Want::Err(WRONGTYPE.into()));
+    }
     let Value::Array(items) = got else {
         return Err(format!("lease read: not an array: {got:?}"));
     };
@@ -942,7 +1010,8 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 cmd.arg("CREATED").arg(cr);
             }
             if let Some(t) = s.lease {
-                cmd.arg("LEASE").arg(model.token(t, key_arg(s.key)));
+                cmd.arg("LEASE")
+                    .arg(model.token(t, &model.qk(key_arg(s.key))));
             }
             let (want, expired) = model.set(s, &value_arg);
             tally(match &want {
@@ -978,8 +1047,14 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 cmd!("TIERCACHE.GET", k)
             };
             let got = c.raw(&cmd);
-            let live = model.entries.get(k).filter(|e| e.fresh());
-            tally(match model.entries.get(k) {
+            let qk = model.qk(k);
+            if model.strings.contains_key(&qk) {
+                tally("GET wrongtype");
+                return expect(&got, &Want::Err(WRONGTYPE.into()))
+                    .map_err(|e| format!("{}: {e}", cmd_text(&cmd)));
+            }
+            let live = model.entries.get(&qk).filter(|e| e.fresh());
+            tally(match model.entries.get(&qk) {
                 Some(e) if e.fresh() => format!("GET hit {}", e.encoding()),
                 Some(_) => "GET stale (nil)".to_string(),
                 None => "GET missing (nil)".to_string(),
@@ -1037,11 +1112,11 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             for &i in keys {
                 let k = key_arg(i);
                 cmd.arg(k);
-                let existed = model.entries.remove(k).is_some();
-                deleted += i64::from(existed);
+                let qk = model.qk(k);
+                deleted += i64::from(model.delete(&qk));
                 // A native DEL of a missing key is a no-op; TIERCACHE.DEL fences anyway.
-                if existed || !native {
-                    model.fence_key(k);
+                if !native {
+                    model.fence_key(&qk);
                 }
             }
             let got = c.raw(&cmd);
@@ -1093,15 +1168,16 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
         }
         Op::Release { key, tok, pass } => {
             let k = key_arg(*key);
-            let token = model.token(*tok, k);
+            let qk = model.qk(k);
+            let token = model.token(*tok, &qk);
             let mut cmd = cmd!("TIERCACHE.RELEASE", k, &token[..]);
             if *pass {
                 cmd.arg("PASS");
             }
             let want = if matches!(tok, Tok::Invalid) {
                 Want::Err("ERR invalid lease token".into())
-            } else if model.leases.get(k).is_some_and(|l| l.token == token) {
-                model.leases.remove(k);
+            } else if model.leases.get(&qk).is_some_and(|l| l.token == token) {
+                model.leases.remove(&qk);
                 if *pass {
                     model.counters.passes += 1;
                 }
@@ -1115,6 +1191,55 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             ));
             let got = c.raw(&cmd);
             expect(&got, &want).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
+        }
+        Op::Select { db } => {
+            model.db = *db;
+            let got = c.raw(&cmd!("SELECT", *db));
+            expect(&got, &Want::Ok).map_err(|e| format!("SELECT {db}: {e}"))
+        }
+        Op::NativeSet { key } => {
+            let k = key_arg(*key);
+            let qk = model.qk(k);
+            // Replacing an entry with a string: the entry leaves the index. Whether this fences a
+            // lease cannot show: a fill on a string key is WRONGTYPE, and removing the string fences.
+            model.entries.remove(&qk);
+            model.strings.insert(qk, false);
+            tally("native SET");
+            let got = c.raw(&cmd!("SET", k, "native"));
+            expect(&got, &Want::Ok).map_err(|e| format!("SET: {e}"))
+        }
+        Op::Persist { key } => {
+            let k = key_arg(*key);
+            let qk = model.qk(k);
+            let had_ttl = match (model.entries.get_mut(&qk), model.strings.get_mut(&qk)) {
+                (Some(e), _) => std::mem::replace(&mut e.expire_at, T::Never) != T::Never,
+                (None, Some(ttl)) => std::mem::replace(ttl, false),
+                (None, None) => false,
+            };
+            tally(format!("PERSIST -> {}", i64::from(had_ttl)));
+            let got = c.raw(&cmd!("PERSIST", k));
+            expect(&got, &Want::Int(i64::from(had_ttl))).map_err(|e| format!("PERSIST: {e}"))
+        }
+        Op::PexpireAt { key, past } => {
+            let k = key_arg(*key);
+            let qk = model.qk(k);
+            let at = if *past { PAST_MS } else { FAR_MS };
+            let existed = model.exists(&qk);
+            if *past {
+                // A time in the past deletes the key, which fences a lease on it.
+                model.delete(&qk);
+            } else if let Some(e) = model.entries.get_mut(&qk) {
+                e.expire_at = T::Abs(at);
+            } else if let Some(ttl) = model.strings.get_mut(&qk) {
+                *ttl = true;
+            }
+            tally(format!(
+                "PEXPIREAT {} -> {}",
+                if *past { "past" } else { "future" },
+                i64::from(existed)
+            ));
+            let got = c.raw(&cmd!("PEXPIREAT", k, at));
+            expect(&got, &Want::Int(i64::from(existed))).map_err(|e| format!("PEXPIREAT {at}: {e}"))
         }
     }
 }
@@ -1175,15 +1300,20 @@ fn final_sweep(
     model: &mut Model,
     before: &BTreeMap<String, i64>,
 ) -> Result<(), String> {
-    for (i, k) in KEYS.iter().enumerate() {
-        let got = c.raw(&cmd!("TIERCACHE.META", *k));
-        check_meta(model, k, &got, c.proto).map_err(|e| format!("final META of key #{i}: {e}"))?;
-    }
-    for i in 0..TAGS.len() + OTHER_TAGS.len() {
-        let t = tag_name(i);
-        let got = c.raw(&cmd!("TIERCACHE.TAGKEYS", t));
-        check_tagkeys(model, t, None, &got)
-            .map_err(|e| format!("final TAGKEYS {}: {e}", show(t)))?;
+    for db in 0..2u8 {
+        model.db = db;
+        c.ok(&cmd!("SELECT", db));
+        for (i, k) in KEYS.iter().enumerate() {
+            let got = c.raw(&cmd!("TIERCACHE.META", *k));
+            check_meta(model, k, &got, c.proto)
+                .map_err(|e| format!("final META of key #{i} in db {db}: {e}"))?;
+        }
+        for i in 0..TAGS.len() + OTHER_TAGS.len() {
+            let t = tag_name(i);
+            let got = c.raw(&cmd!("TIERCACHE.TAGKEYS", t));
+            check_tagkeys(model, t, None, &got)
+                .map_err(|e| format!("final TAGKEYS {} in db {db}: {e}", show(t)))?;
+        }
     }
     let after = stats_map(c);
     let delta = |f: &str| after[f] - before[f];
@@ -1213,7 +1343,11 @@ fn final_sweep(
         ensure!(delta(f) == 0, "STATS {f} moved by {}", delta(f));
     }
     let e = &model.entries;
-    let tags: BTreeSet<&Vec<u8>> = e.values().flat_map(|x| &x.tags).collect();
+    // (database, tag) pairs.
+    let tags: BTreeSet<(u8, &Vec<u8>)> = e
+        .iter()
+        .flat_map(|(k, x)| x.tags.iter().map(move |t| (k[0], t)))
+        .collect();
     let gauges = [
         ("entries", e.len() as i64),
         (
@@ -1245,6 +1379,7 @@ fn final_sweep(
 
 fn run_case(c: &mut Conn, ops: &[Op]) -> Result<(), String> {
     c.ok(&cmd!("FLUSHALL", "SYNC"));
+    c.ok(&cmd!("SELECT", 0));
     let before = stats_map(c);
     let mut model = Model::new();
     for (i, op) in ops.iter().enumerate() {
