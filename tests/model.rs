@@ -8,15 +8,17 @@
 //! and `TIERCACHE.DEL`, `TIERCACHE.INVALIDATE` (including one that overflows a lease's 64 remembered
 //! tags), `TIERCACHE.TAGCOUNT`, `TIERCACHE.TAGKEYS [COUNT]` and `TIERCACHE.RELEASE [PASS]`, over a
 //! small key pool in two databases (`SELECT`), with native `SET` (WRONGTYPE), `PERSIST` and
-//! `PEXPIREAT` (future, or past, which deletes) on the same keys. After each sequence every key's META, every tag's keys and the STATS counters
+//! `PEXPIREAT` (future, or past, which deletes) on the same keys, and `MULTI`/`EXEC` blocks with an
+//! INVALIDATE in the middle (the reclaim timer cannot run inside them, so the commands after it see
+//! invalidated entries still in their keys). After each sequence every key's META, every tag's keys and the STATS counters
 //! (deltas) and gauges are compared with the model as well.
 //!
 //! Time: no assertion depends on how long anything takes. Deadlines are either far in the future
 //! (2096, or 100k+ seconds from now) or long past (1970), so an entry's state never changes during a
 //! case; relative deadlines are checked exactly against the server's own "now" for that SET, learned
 //! from the first reply that reveals it. Entries written already expired are removed at once with
-//! `EXISTS` (lazy expiry), and after each INVALIDATE the test waits for the reclaim timer to finish
-//! (`reclaim_pending` 0), so the tag index is exact at every step.
+//! `EXISTS` (lazy expiry), and after each INVALIDATE (or EXEC) the test waits for the reclaim timer
+//! to finish (`reclaim_pending` 0), so which keys exist is known at every step.
 //!
 //! One server per test run; `FLUSHALL` between cases. The same sequences run over RESP2 and RESP3.
 //! `PROPTEST_CASES` sets the number of cases per protocol (default 256).
@@ -196,6 +198,51 @@ enum Op {
         key: usize,
         past: bool,
     },
+    Exists {
+        key: usize,
+    },
+    /// MULTI ... EXEC: the reclaim timer cannot run in between, so invalidated entries are still in
+    /// their keys for the commands after the INVALIDATE (the window a client can otherwise only hit
+    /// by chance).
+    Multi(Vec<TxOp>),
+}
+
+/// A command inside MULTI. No lease reads or fills (a token is only known after EXEC), and no SET that
+/// expires at once.
+#[derive(Clone, Debug)]
+enum TxOp {
+    Set(SetOp),
+    Get { key: usize, encoded: bool },
+    Meta { key: usize },
+    Exists { key: usize },
+    Del { keys: Vec<usize>, native: bool },
+    Invalidate { tags: Vec<usize> },
+    TagCount { tag: usize },
+    TagKeys { tag: usize },
+}
+
+fn tx_op_strategy() -> impl Strategy<Value = TxOp> {
+    let key = 0..KEYS.len();
+    prop_oneof![
+        5 => set_strategy().prop_map(|mut s| {
+            s.lease = None;
+            if matches!(s.fresh, Fresh::Pxat(PAST_MS) | Fresh::Exat(1)) && !s.keepttl {
+                s.stale = Some(LONG_STALE_S);
+            }
+            // Tagged, so that the INVALIDATE in the middle of the transaction finds something.
+            if s.tags.as_ref().is_none_or(|t| t.is_empty()) {
+                s.tags = Some(vec![s.key % TAGS.len()]);
+            }
+            TxOp::Set(s)
+        }),
+        3 => (key.clone(), any::<bool>()).prop_map(|(key, encoded)| TxOp::Get { key, encoded }),
+        3 => key.clone().prop_map(|key| TxOp::Meta { key }),
+        2 => key.clone().prop_map(|key| TxOp::Exists { key }),
+        2 => (prop::collection::vec(key, 1..3), any::<bool>()).prop_map(|(keys, native)| TxOp::Del { keys, native }),
+        4 => prop::collection::vec(0..TAGS.len(), 1..3).prop_map(|tags| TxOp::Invalidate { tags }),
+        3 => (0..TAGS.len()).prop_map(|tag| TxOp::TagCount { tag }),
+        2 => (0..TAGS.len()).prop_map(|tag| TxOp::TagKeys { tag }),
+    ]
 }
 
 fn tag_name(i: usize) -> &'static [u8] {
@@ -289,7 +336,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         3 => (0u8..2).prop_map(|db| Op::Select { db }),
         2 => key.clone().prop_map(|key| Op::NativeSet { key }),
         2 => key.clone().prop_map(|key| Op::Persist { key }),
-        3 => (key, prop::bool::weighted(0.4)).prop_map(|(key, past)| Op::PexpireAt { key, past }),
+        3 => (key.clone(), prop::bool::weighted(0.4)).prop_map(|(key, past)| Op::PexpireAt { key, past }),
+        2 => key.prop_map(|key| Op::Exists { key }),
+        4 => (
+            prop::collection::vec(tx_op_strategy(), 0..4),
+            prop::collection::vec(0..TAGS.len(), 1..3),
+            prop::collection::vec(tx_op_strategy(), 1..6),
+        )
+            .prop_map(|(mut before, tags, after)| {
+                before.push(TxOp::Invalidate { tags });
+                before.extend(after);
+                Op::Multi(before)
+            }),
     ]
 }
 
@@ -338,6 +396,11 @@ struct MEntry {
     expire_at: T,
     created: T,
     tags: Vec<Vec<u8>>,
+    /// The tags whose slots still list this entry: an invalidation drops a tag's slot, and the entry's
+    /// other tags keep counting it until the reclaim timer deletes the key.
+    indexed: Vec<Vec<u8>>,
+    /// Invalidated, not reclaimed yet: the key exists, readers see nothing.
+    dead: bool,
 }
 
 impl MEntry {
@@ -454,6 +517,16 @@ enum Want {
 }
 
 impl Model {
+    /// The live (not invalidated) entry at a qualified key: what GET, META and lease reads see.
+    fn live(&self, qk: &[u8]) -> Option<&MEntry> {
+        self.entries.get(qk).filter(|e| !e.dead)
+    }
+
+    /// The reclaim timer ran: invalidated keys are deleted (which fences nothing).
+    fn reclaim(&mut self) {
+        self.entries.retain(|_, e| !e.dead);
+    }
+
     fn new() -> Model {
         Model {
             case_start_ms: now_ms(),
@@ -600,7 +673,9 @@ impl Model {
             fresh_until,
             expire_at,
             created: op.created.map_or(now, T::Abs),
+            indexed: tags.clone(),
             tags,
+            dead: false,
         };
         self.counters.sets += 1;
         let expired = entry.expire_at.passed();
@@ -612,15 +687,18 @@ impl Model {
         (Want::Ok, expired)
     }
 
+    /// INVALIDATE in the selected database: counts the entries listed under any of the tags (dead ones
+    /// included), drops the tags' slots, and marks those entries dead (see `reclaim`).
     fn invalidate(&mut self, tags: &[Vec<u8>]) -> i64 {
-        let hit: Vec<Vec<u8>> = self
-            .entries
-            .iter()
-            .filter(|(k, e)| k[0] == self.db && e.tags.iter().any(|t| tags.contains(t)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &hit {
-            self.entries.remove(k);
+        let db = self.db;
+        let mut hit = 0;
+        for (k, e) in self.entries.iter_mut() {
+            if k[0] != db || !e.indexed.iter().any(|t| tags.contains(t)) {
+                continue;
+            }
+            hit += 1;
+            e.dead = true;
+            e.indexed.retain(|t| !tags.contains(t));
         }
         for (k, l) in self.leases.iter_mut() {
             if k[0] != self.db || l.all_tags {
@@ -638,14 +716,14 @@ impl Model {
             }
         }
         self.counters.invalidations += 1;
-        hit.len() as i64
+        hit
     }
 
     /// The keys of the selected database whose entries carry `tag`, by their names.
     fn tag_keys(&self, tag: &[u8]) -> BTreeSet<Vec<u8>> {
         self.entries
             .iter()
-            .filter(|(k, e)| k[0] == self.db && e.tags.iter().any(|t| t == tag))
+            .filter(|(k, e)| k[0] == self.db && e.indexed.iter().any(|t| t == tag))
             .map(|(k, _)| k[1..].to_vec())
             .collect()
     }
@@ -737,18 +815,45 @@ fn expect(got: &Value, want: &Want) -> Result<(), String> {
     Ok(())
 }
 
-fn check_meta(model: &mut Model, key: &[u8], got: &Value, proto: Proto) -> Result<(), String> {
+/// What META of a key should show: WRONGTYPE, nothing, or the entry.
+#[derive(Clone, Debug)]
+enum MetaWant {
+    WrongType,
+    Entry(Option<MEntry>),
+}
+
+fn meta_want(model: &Model, key: &[u8]) -> MetaWant {
     let qk = model.qk(key);
-    tally(match model.entries.get(&qk) {
+    tally(match model.live(&qk) {
         Some(e) if e.fresh() => "META fresh",
         Some(_) => "META stale",
         None if model.strings.contains_key(&qk) => "META wrongtype",
+        None if model.entries.contains_key(&qk) => "META invalidated (key still there)",
         None => "META nil",
     });
     if model.strings.contains_key(&qk) {
-        return expect(got, &Want::Err(WRONGTYPE.into()));
+        MetaWant::WrongType
+    } else {
+        MetaWant::Entry(model.live(&qk).cloned())
     }
-    let Some(e) = model.entries.get(&qk).cloned() else {
+}
+
+fn check_meta(model: &mut Model, key: &[u8], got: &Value, proto: Proto) -> Result<(), String> {
+    let want = meta_want(model, key);
+    check_meta_with(model, key, want, got, proto)
+}
+
+fn check_meta_with(
+    model: &mut Model,
+    key: &[u8],
+    want: MetaWant,
+    got: &Value,
+    proto: Proto,
+) -> Result<(), String> {
+    let MetaWant::Entry(want) = want else {
+        return expect(got, &Want::Err(WRONGTYPE.into()));
+    };
+    let Some(e) = want else {
         ensure!(
             *got == Value::Nil,
             "META {}: the model has no entry, the server answered {got:?}",
@@ -859,7 +964,7 @@ fn lease_get(
                 .ok_or_else(|| format!("lease read: element not a bulk string or null: {got:?}"))
         })
         .collect::<Result<_, _>>()?;
-    let entry = model.entries.get(key).cloned();
+    let entry = model.live(key).cloned();
     let held = model.leases.contains_key(key);
     let (status, value, grant): (&[u8], Option<&MEntry>, bool) = match &entry {
         Some(e) if e.fresh() => (b"HIT", Some(e), false),
@@ -964,62 +1069,68 @@ fn lease_get(
     Ok(())
 }
 
+/// The TIERCACHE.SET command of `s`, and the value argument it sends.
+fn set_cmd(model: &Model, s: &SetOp) -> (redis::Cmd, Vec<u8>) {
+    let value = s.val.bytes();
+    let value_arg = match s.enc {
+        Enc::Lz4(kind) => make_frame(kind, &value),
+        _ => value.clone(),
+    };
+    let mut cmd = redis::cmd("TIERCACHE.SET");
+    cmd.arg(key_arg(s.key)).arg(&value_arg[..]);
+    match s.fresh {
+        Fresh::Forever => {}
+        Fresh::Ex(v) => {
+            cmd.arg("EX").arg(v);
+        }
+        Fresh::Px(v) => {
+            cmd.arg("PX").arg(v);
+        }
+        Fresh::Exat(v) => {
+            cmd.arg("EXAT").arg(v);
+        }
+        Fresh::Pxat(v) => {
+            cmd.arg("PXAT").arg(v);
+        }
+    }
+    if s.keepttl {
+        cmd.arg("KEEPTTL");
+    }
+    if let Some(st) = s.stale {
+        cmd.arg("STALE").arg(st);
+    }
+    if let Some(tags) = &s.tags {
+        cmd.arg("TAGS").arg(tags.len());
+        for &t in tags {
+            cmd.arg(TAGS[t]);
+        }
+    }
+    match s.enc {
+        Enc::Auto => {}
+        Enc::NoCompress => {
+            cmd.arg("NOCOMPRESS");
+        }
+        Enc::Raw => {
+            cmd.arg("ENCODING").arg("raw");
+        }
+        Enc::Lz4(_) => {
+            cmd.arg("ENCODING").arg("lz4");
+        }
+    }
+    if let Some(cr) = s.created {
+        cmd.arg("CREATED").arg(cr);
+    }
+    if let Some(t) = s.lease {
+        cmd.arg("LEASE")
+            .arg(model.token(t, &model.qk(key_arg(s.key))));
+    }
+    (cmd, value_arg)
+}
+
 fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
     match op {
         Op::Set(s) => {
-            let value = s.val.bytes();
-            let value_arg = match s.enc {
-                Enc::Lz4(kind) => make_frame(kind, &value),
-                _ => value.clone(),
-            };
-            let mut cmd = redis::cmd("TIERCACHE.SET");
-            cmd.arg(key_arg(s.key)).arg(&value_arg[..]);
-            match s.fresh {
-                Fresh::Forever => {}
-                Fresh::Ex(v) => {
-                    cmd.arg("EX").arg(v);
-                }
-                Fresh::Px(v) => {
-                    cmd.arg("PX").arg(v);
-                }
-                Fresh::Exat(v) => {
-                    cmd.arg("EXAT").arg(v);
-                }
-                Fresh::Pxat(v) => {
-                    cmd.arg("PXAT").arg(v);
-                }
-            }
-            if s.keepttl {
-                cmd.arg("KEEPTTL");
-            }
-            if let Some(st) = s.stale {
-                cmd.arg("STALE").arg(st);
-            }
-            if let Some(tags) = &s.tags {
-                cmd.arg("TAGS").arg(tags.len());
-                for &t in tags {
-                    cmd.arg(TAGS[t]);
-                }
-            }
-            match s.enc {
-                Enc::Auto => {}
-                Enc::NoCompress => {
-                    cmd.arg("NOCOMPRESS");
-                }
-                Enc::Raw => {
-                    cmd.arg("ENCODING").arg("raw");
-                }
-                Enc::Lz4(_) => {
-                    cmd.arg("ENCODING").arg("lz4");
-                }
-            }
-            if let Some(cr) = s.created {
-                cmd.arg("CREATED").arg(cr);
-            }
-            if let Some(t) = s.lease {
-                cmd.arg("LEASE")
-                    .arg(model.token(t, &model.qk(key_arg(s.key))));
-            }
+            let (cmd, value_arg) = set_cmd(model, s);
             let (want, expired) = model.set(s, &value_arg);
             tally(match &want {
                 Want::Err(e) => format!("SET error: {e}"),
@@ -1060,8 +1171,8 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 return expect(&got, &Want::Err(WRONGTYPE.into()))
                     .map_err(|e| format!("{}: {e}", cmd_text(&cmd)));
             }
-            let live = model.entries.get(&qk).filter(|e| e.fresh());
-            tally(match model.entries.get(&qk) {
+            let live = model.live(&qk).filter(|e| e.fresh()).cloned();
+            tally(match model.live(&qk) {
                 Some(e) if e.fresh() => format!("GET hit {}", e.encoding()),
                 Some(_) => "GET stale (nil)".to_string(),
                 None => "GET missing (nil)".to_string(),
@@ -1143,7 +1254,9 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             });
             let got = c.raw(&cmd);
             expect(&got, &Want::Int(want)).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))?;
-            wait_reclaimed(c)
+            wait_reclaimed(c)?;
+            model.reclaim();
+            Ok(())
         }
         Op::InvalidateMany { hot } => {
             let names: Vec<Vec<u8>> = (0..=REMEMBERED_TAGS)
@@ -1164,7 +1277,9 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 "INVALIDATE of 65 tags"
             });
             expect(&got, &Want::Int(want)).map_err(|e| format!("INVALIDATE of 65 tags: {e}"))?;
-            wait_reclaimed(c)
+            wait_reclaimed(c)?;
+            model.reclaim();
+            Ok(())
         }
         Op::TagCount { tag } => {
             let t = tag_name(*tag);
@@ -1256,10 +1371,182 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             let got = c.raw(&cmd!("PEXPIREAT", k, at));
             expect(&got, &Want::Int(i64::from(existed))).map_err(|e| format!("PEXPIREAT {at}: {e}"))
         }
+        Op::Exists { key } => {
+            let k = key_arg(*key);
+            let want = i64::from(model.exists(&model.qk(k)));
+            let got = c.raw(&cmd!("EXISTS", k));
+            expect(&got, &Want::Int(want)).map_err(|e| format!("EXISTS: {e}"))
+        }
+        Op::Multi(ops) => run_multi(c, model, ops),
     }
 }
 
+/// What one command inside MULTI should answer, decided when it is queued.
+enum TxWant {
+    Plain(Want),
+    Exact(Value),
+    Meta(Vec<u8>, MetaWant),
+    TagKeys(BTreeSet<Vec<u8>>),
+}
+
+fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String> {
+    let mut queued: Vec<(redis::Cmd, TxWant)> = Vec::new();
+    for op in ops {
+        let (cmd, want) = match op {
+            TxOp::Set(s) => {
+                let (cmd, value_arg) = set_cmd(model, s);
+                let (want, expired) = model.set(s, &value_arg);
+                ensure!(
+                    !expired,
+                    "generator: a SET in MULTI must not expire at once: {s:?}"
+                );
+                tally(match &want {
+                    Want::Err(e) => format!("MULTI: SET error: {e}"),
+                    _ => "MULTI: SET ok".to_string(),
+                });
+                (cmd, TxWant::Plain(want))
+            }
+            TxOp::Get { key, encoded } => {
+                let k = key_arg(*key);
+                let qk = model.qk(k);
+                let cmd = if *encoded {
+                    cmd!("TIERCACHE.GET", k, "ENCODED")
+                } else {
+                    cmd!("TIERCACHE.GET", k)
+                };
+                let want = if model.strings.contains_key(&qk) {
+                    TxWant::Plain(Want::Err(WRONGTYPE.into()))
+                } else {
+                    let live = model.live(&qk).filter(|e| e.fresh()).cloned();
+                    tally(match (&live, model.entries.get(&qk)) {
+                        (Some(_), _) => "MULTI: GET hit",
+                        (None, Some(e)) if e.dead => "MULTI: GET of an invalidated key (nil)",
+                        _ => "MULTI: GET nil",
+                    });
+                    if live.is_some() {
+                        model.counters.hits += 1;
+                    } else {
+                        model.counters.misses += 1;
+                    }
+                    match (live, encoded) {
+                        (None, _) => TxWant::Plain(Want::Nil),
+                        (Some(e), false) => TxWant::Plain(Want::Bulk(e.value)),
+                        (Some(e), true) => TxWant::Exact(Value::Array(vec![
+                            Value::BulkString(e.encoding().as_bytes().to_vec()),
+                            Value::BulkString(e.stored),
+                        ])),
+                    }
+                };
+                (cmd, want)
+            }
+            TxOp::Meta { key } => {
+                let k = key_arg(*key);
+                (
+                    cmd!("TIERCACHE.META", k),
+                    TxWant::Meta(k.to_vec(), meta_want(model, k)),
+                )
+            }
+            TxOp::Exists { key } => {
+                let k = key_arg(*key);
+                let qk = model.qk(k);
+                if model.entries.get(&qk).is_some_and(|e| e.dead) {
+                    tally("MULTI: EXISTS of an invalidated key (1)");
+                }
+                (
+                    cmd!("EXISTS", k),
+                    TxWant::Plain(Want::Int(i64::from(model.exists(&qk)))),
+                )
+            }
+            TxOp::Del { keys, native } => {
+                let mut cmd = redis::cmd(if *native { "DEL" } else { "TIERCACHE.DEL" });
+                let mut deleted = 0;
+                for &i in keys {
+                    let k = key_arg(i);
+                    cmd.arg(k);
+                    let qk = model.qk(k);
+                    deleted += i64::from(model.delete(&qk));
+                    if !native {
+                        model.fence_key(&qk);
+                    }
+                }
+                (cmd, TxWant::Plain(Want::Int(deleted)))
+            }
+            TxOp::Invalidate { tags } => {
+                let names: Vec<Vec<u8>> = tags.iter().map(|&i| TAGS[i].to_vec()).collect();
+                let mut cmd = redis::cmd("TIERCACHE.INVALIDATE");
+                for n in &names {
+                    cmd.arg(&n[..]);
+                }
+                let dead_before = model.entries.values().filter(|e| e.dead).count();
+                let want = model.invalidate(&names);
+                if dead_before > 0 && want > 0 {
+                    tally("MULTI: INVALIDATE with invalidated entries not reclaimed yet");
+                }
+                (cmd, TxWant::Plain(Want::Int(want)))
+            }
+            TxOp::TagCount { tag } => {
+                let t = TAGS[*tag];
+                let n = model.tag_keys(t).len() as i64;
+                (cmd!("TIERCACHE.TAGCOUNT", t), TxWant::Plain(Want::Int(n)))
+            }
+            TxOp::TagKeys { tag } => {
+                let t = TAGS[*tag];
+                (
+                    cmd!("TIERCACHE.TAGKEYS", t),
+                    TxWant::TagKeys(model.tag_keys(t)),
+                )
+            }
+        };
+        queued.push((cmd, want));
+    }
+    expect(&c.raw(&cmd!("MULTI")), &Want::Ok).map_err(|e| format!("MULTI: {e}"))?;
+    for (cmd, _) in &queued {
+        let q = c.raw(cmd);
+        ensure!(
+            matches!(&q, Value::SimpleString(s) if s == "QUEUED"),
+            "{} in MULTI: {q:?}, want QUEUED",
+            cmd_text(cmd)
+        );
+    }
+    let exec = c.raw(&cmd!("EXEC"));
+    let Value::Array(replies) = exec else {
+        return Err(format!("EXEC: not an array: {exec:?}"));
+    };
+    ensure!(
+        replies.len() == queued.len(),
+        "EXEC: {} replies for {} commands",
+        replies.len(),
+        queued.len()
+    );
+    for (i, ((cmd, want), got)) in queued.into_iter().zip(&replies).enumerate() {
+        let r = match want {
+            TxWant::Plain(w) => expect(got, &w),
+            TxWant::Exact(v) => {
+                if *got == v {
+                    Ok(())
+                } else {
+                    Err(format!("expected {v:?}, got {got:?}"))
+                }
+            }
+            TxWant::Meta(k, m) => check_meta_with(model, &k, m, got, c.proto),
+            TxWant::TagKeys(set) => check_tagkeys_with(set, None, got),
+        };
+        r.map_err(|e| format!("MULTI command #{i} {}: {e}", cmd_text(&cmd)))?;
+    }
+    wait_reclaimed(c)?;
+    model.reclaim();
+    Ok(())
+}
+
 fn check_tagkeys(model: &Model, tag: &[u8], count: Option<i64>, got: &Value) -> Result<(), String> {
+    check_tagkeys_with(model.tag_keys(tag), count, got)
+}
+
+fn check_tagkeys_with(
+    want: BTreeSet<Vec<u8>>,
+    count: Option<i64>,
+    got: &Value,
+) -> Result<(), String> {
     if count == Some(0) {
         return expect(
             got,
@@ -1278,7 +1565,6 @@ fn check_tagkeys(model: &Model, tag: &[u8], count: Option<i64>, got: &Value) -> 
         .collect::<Result<_, _>>()?;
     let set: BTreeSet<Vec<u8>> = keys.iter().cloned().collect();
     ensure!(set.len() == keys.len(), "TAGKEYS: repeated names {keys:?}");
-    let want = model.tag_keys(tag);
     let limit = count.unwrap_or(100) as usize;
     ensure!(set.is_subset(&want), "TAGKEYS: {set:?} not among {want:?}");
     ensure!(
