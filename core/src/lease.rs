@@ -280,10 +280,18 @@ impl<W: Waiter> LeaseTable<W> {
             if l.all_tags_invalidated {
                 continue;
             }
-            l.invalidated.extend_from_slice(&hashes);
-            if l.invalidated.len() > MAX_REMEMBERED_TAGS {
-                l.invalidated = Vec::new();
-                l.all_tags_invalidated = true;
+            // Each tag once: a hot tag invalidated over and over must not use up the room that tells
+            // the other tags apart (it used to, and then fenced fills that carry none of them).
+            for &h in &hashes {
+                if l.invalidated.contains(&h) {
+                    continue;
+                }
+                l.invalidated.push(h);
+                if l.invalidated.len() > MAX_REMEMBERED_TAGS {
+                    l.invalidated = Vec::new();
+                    l.all_tags_invalidated = true;
+                    break;
+                }
             }
         }
     }
@@ -381,6 +389,32 @@ mod tests {
         t.tags_invalidated(0, &many.iter().map(Vec::as_slice).collect::<Vec<_>>());
         assert_eq!(t.fill(0, b"e", e, &[b"unrelated"], 10).unwrap_err(), Fence::TagInvalidated, "past the limit");
         assert!(t.fill(0, b"e", e, &[], 10).is_ok(), "an untagged fill is not affected");
+    }
+
+    /// Found while modelling the 64-tag rule for tests/model.rs: 65 invalidations of one tag (in one
+    /// INVALIDATE or in 65) counted as 65 remembered tags, so the lease stopped telling tags apart and
+    /// fenced a fill tagged only `cold`.
+    #[test]
+    fn a_tag_invalidated_again_is_remembered_once() {
+        let mut t: LeaseTable<W> = LeaseTable::new(1);
+        let Acquire::Granted(a) = t.acquire(0, b"a", 1, 0, 1_000) else { panic!() };
+        let Acquire::Granted(b) = t.acquire(0, b"b", 1, 0, 1_000) else { panic!() };
+        for _ in 0..=MAX_REMEMBERED_TAGS {
+            t.tags_invalidated(0, &[b"hot"]);
+        }
+        t.tags_invalidated(0, &[&b"hot"[..]; MAX_REMEMBERED_TAGS + 1]);
+        assert!(t.fill(0, b"a", a, &[b"cold"], 10).is_ok(), "one tag remembered, not 130");
+        assert_eq!(t.fill(0, b"b", b, &[b"cold", b"hot"], 10).unwrap_err(), Fence::TagInvalidated);
+
+        // 64 distinct tags still tell them apart; the 65th makes every tagged fill fenced.
+        let Acquire::Granted(c) = t.acquire(0, b"c", 1, 0, 1_000) else { panic!() };
+        let Acquire::Granted(d) = t.acquire(0, b"d", 1, 0, 1_000) else { panic!() };
+        let names: Vec<Vec<u8>> = (0..MAX_REMEMBERED_TAGS).map(|i| format!("t{i}").into_bytes()).collect();
+        t.tags_invalidated(0, &names.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        t.tags_invalidated(0, &[b"t0", b"t1"]);
+        assert!(t.fill(0, b"c", c, &[b"cold"], 10).is_ok(), "64 distinct tags: still exact");
+        t.tags_invalidated(0, &[b"t64"]);
+        assert_eq!(t.fill(0, b"d", d, &[b"cold"], 10).unwrap_err(), Fence::TagInvalidated, "65 distinct tags");
     }
 
     #[test]
