@@ -396,7 +396,7 @@ mod tests {
     /// fenced a fill tagged only `cold`.
     #[test]
     fn a_tag_invalidated_again_is_remembered_once() {
-        let mut t: LeaseTable<W> = LeaseTable::new(1);
+        let mut t: LeaseTable<W> = LeaseTable::new(counter);
         let Acquire::Granted(a) = t.acquire(0, b"a", 1, 0, 1_000) else { panic!() };
         let Acquire::Granted(b) = t.acquire(0, b"b", 1, 0, 1_000) else { panic!() };
         for _ in 0..=MAX_REMEMBERED_TAGS {
