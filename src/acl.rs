@@ -14,8 +14,7 @@ use redis_module::raw;
 use crate::ffi::{api, free_string, new_string, Ctx, RStr};
 
 /// Redis 7.0's own text for a denied key (processCommand), so clients see one error for both.
-pub const NOPERM: &str =
-    "NOPERM this user has no permissions to access one of the keys used as arguments";
+pub const NOPERM: &str = "NOPERM this user has no permissions to access one of the keys used as arguments";
 
 /// What a command does with a tag or key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,8 +49,7 @@ impl User {
     /// a module's call, a script). A script's client does carry its caller's user, so under Lua (never
     /// replayed from the master or the AOF here: those are excluded first) `GetCurrentUserName` is used.
     pub fn current(ctx: Ctx) -> Option<User> {
-        let no_user =
-            (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+        let no_user = (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
         // SAFETY: ctx is the live command context.
         let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
         if flags & no_user != 0 {
@@ -86,10 +84,7 @@ impl User {
     pub fn may(&self, name: RStr, access: Access) -> bool {
         // SAFETY: self.user is a live user handle; name is a live string; the flags are key-spec
         // access flags, which is what this API takes.
-        unsafe {
-            api!(RedisModule_ACLCheckKeyPermissions)(self.user, name, access.flags())
-                == crate::ffi::OK
-        }
+        unsafe { api!(RedisModule_ACLCheckKeyPermissions)(self.user, name, access.flags()) == crate::ffi::OK }
     }
 
     /// Like [`User::may`] for a name given as bytes (binary-safe).
@@ -124,14 +119,7 @@ impl User {
         // that lacks it, in which case there is nothing to record.
         if let Some(add) = unsafe { raw::RedisModule_ACLAddLogEntry } {
             // SAFETY: live command context, user handle and string; Redis copies what it keeps.
-            unsafe {
-                add(
-                    self.ctx,
-                    self.user,
-                    name,
-                    raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_KEY,
-                )
-            };
+            unsafe { add(self.ctx, self.user, name, raw::RedisModuleACLLogEntryReason_REDISMODULE_ACL_LOG_KEY) };
         }
     }
 }

@@ -40,21 +40,12 @@ impl Numeric {
 pub static COMPRESS_MIN_SIZE: Numeric = Numeric::new(c"compress-min-size", 1024, 0, 512 * 1024 * 1024);
 /// Most tags one entry may carry.
 /// The upper bound is the one an RDB load and a replayed SET apply whatever the setting.
-pub static MAX_TAGS: Numeric = Numeric::new(
-    c"max-tags",
-    32,
-    0,
-    tiercache_core::persist::MAX_PERSISTED_TAGS as i64,
-);
+pub static MAX_TAGS: Numeric = Numeric::new(c"max-tags", 32, 0, tiercache_core::persist::MAX_PERSISTED_TAGS as i64);
 
 /// Largest decoded value `TIERCACHE.SET` accepts, in bytes: the raw length, or the size an lz4 frame
 /// announces (the client's frame is refused before it is decoded). Up to the lz4 frame's hard maximum.
-pub static MAX_VALUE_SIZE: Numeric = Numeric::new(
-    c"max-value-size",
-    64 * 1024 * 1024,
-    1024,
-    tiercache_core::lz4::MAX_ORIGINAL_LEN as i64,
-);
+pub static MAX_VALUE_SIZE: Numeric =
+    Numeric::new(c"max-value-size", 64 * 1024 * 1024, 1024, tiercache_core::lz4::MAX_ORIGINAL_LEN as i64);
 
 /// Invalidated entries deleted per reclaim tick (a tick also stops after about 1 ms).
 pub static RECLAIM_BUDGET: Numeric = Numeric::new(c"reclaim-budget", 1000, 1, 1_000_000);
@@ -160,10 +151,11 @@ pub fn register(ctx: Ctx, args: &[RStr]) -> bool {
         match parse_i64(value) {
             Some(v) if (cfg.min..=cfg.max).contains(&v) => cfg.value.store(v, Relaxed),
             _ => {
-                log(ctx, "warning", &format!(
-                    "tiercache: {} must be an integer from {} to {}",
-                    cfg.name.to_string_lossy(), cfg.min, cfg.max
-                ));
+                log(
+                    ctx,
+                    "warning",
+                    &format!("tiercache: {} must be an integer from {} to {}", cfg.name.to_string_lossy(), cfg.min, cfg.max),
+                );
                 return false;
             }
         }

@@ -42,9 +42,7 @@ pub fn register(ctx: Ctx) -> bool {
         aux_save2: None,
     };
     // SAFETY: called during OnLoad with the load context; Redis copies the methods struct.
-    let t = unsafe {
-        api!(RedisModule_CreateDataType)(ctx, TYPE_NAME.as_ptr(), persist::ENCODING_VERSION, &mut methods)
-    };
+    let t = unsafe { api!(RedisModule_CreateDataType)(ctx, TYPE_NAME.as_ptr(), persist::ENCODING_VERSION, &mut methods) };
     if t.is_null() {
         return false;
     }

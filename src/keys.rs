@@ -78,7 +78,11 @@ impl Handle {
         }
         // SAFETY: open key handle; GetAbsExpire exists since Redis 6.2.
         let at = unsafe { api!(RedisModule_GetAbsExpire)(self.0) };
-        if at == raw::REDISMODULE_NO_EXPIRE as i64 { NO_DEADLINE } else { at }
+        if at == raw::REDISMODULE_NO_EXPIRE as i64 {
+            NO_DEADLINE
+        } else {
+            at
+        }
     }
 }
 

@@ -144,7 +144,8 @@ fn client_id(ctx: Ctx) -> u64 {
 
 /// Blocking is refused inside MULTI, Lua and wherever Redis denies it.
 pub fn may_block(ctx: Ctx) -> bool {
-    let deny = (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA | raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING) as c_int;
+    let deny =
+        (raw::REDISMODULE_CTX_FLAGS_MULTI | raw::REDISMODULE_CTX_FLAGS_LUA | raw::REDISMODULE_CTX_FLAGS_DENY_BLOCKING) as c_int;
     // SAFETY: live command context.
     (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & deny) == 0
 }

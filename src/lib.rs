@@ -22,13 +22,15 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         ffi::install_panic_hook(ctx);
         // SAFETY: OnLoad context; HANDLE_IO_ERRORS makes truncated RDB payloads an error we check
         // (needed for diskless replica loading).
-        unsafe {
-            ffi::api!(RedisModule_SetModuleOptions)(ctx, redis_module::raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as i32)
-        };
+        unsafe { ffi::api!(RedisModule_SetModuleOptions)(ctx, redis_module::raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as i32) };
         // SAFETY: OnLoad context; replaces the crate's default INFO callback with ours.
         unsafe { ffi::api!(RedisModule_RegisterInfoFunc)(ctx, Some(stats::info)) };
         emit::init();
-        datatype::register(ctx) && config::register(ctx, &args) && commands::register(ctx) && tagindex::register(ctx) && leases::register(ctx)
+        datatype::register(ctx)
+            && config::register(ctx, &args)
+            && commands::register(ctx)
+            && tagindex::register(ctx)
+            && leases::register(ctx)
     });
     if ok {
         Status::Ok

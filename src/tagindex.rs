@@ -9,9 +9,9 @@
 //! even opening a key can run our unlink callback, which needs the registry again.
 
 use std::cell::{Cell, RefCell};
-use std::sync::{mpsc, Mutex, OnceLock};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use redis_module::raw;
@@ -345,7 +345,9 @@ unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, k
             // not (a stale entry running out while its refresh is loading must not refuse the refresh).
             // Every DEL in the server lands here: with no lease outstanding (the usual case) it costs one
             // thread-local check and nothing else.
-            b"del" | b"rename_from" | b"move_from" if crate::leases::any() => crate::leases::key_changed(selected_db(ctx), bytes(key)),
+            b"del" | b"rename_from" | b"move_from" if crate::leases::any() => {
+                crate::leases::key_changed(selected_db(ctx), bytes(key))
+            }
             _ => {}
         }
         OK

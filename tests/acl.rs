@@ -10,8 +10,7 @@ mod common;
 use common::*;
 
 /// Redis 7.0's own error for a denied key.
-const NOPERM: &str =
-    "NOPERM this user has no permissions to access one of the keys used as arguments";
+const NOPERM: &str = "NOPERM this user has no permissions to access one of the keys used as arguments";
 
 const TENANT_CMDS: [&str; 7] = [
     "+tiercache.set",
@@ -48,11 +47,7 @@ fn login(s: &Server, p: Proto, user: &str) -> Conn {
 }
 
 fn keys_of(v: &Value) -> Vec<String> {
-    let mut k: Vec<String> = as_list(v)
-        .unwrap_or_else(|| panic!("TAGKEYS: {v:?}"))
-        .iter()
-        .filter_map(as_string)
-        .collect();
+    let mut k: Vec<String> = as_list(v).unwrap_or_else(|| panic!("TAGKEYS: {v:?}")).iter().filter_map(as_string).collect();
     k.sort();
     k
 }
@@ -65,16 +60,8 @@ fn tenants(s: &Server, p: Proto) -> (Conn, Conn, Conn) {
     let mut a = login(s, p, "alice");
     let mut b = login(s, p, "bob");
     for i in 0..2 {
-        a.set(
-            format!("tenantA:k{i}"),
-            "a",
-            &["TAGS", "1", "tenantA:org:7"],
-        );
-        b.set(
-            format!("tenantB:k{i}"),
-            "b",
-            &["TAGS", "2", "tenantB:org:9", "tenantB:all"],
-        );
+        a.set(format!("tenantA:k{i}"), "a", &["TAGS", "1", "tenantA:org:7"]);
+        b.set(format!("tenantB:k{i}"), "b", &["TAGS", "2", "tenantB:org:9", "tenantB:all"]);
     }
     (admin, a, b)
 }
@@ -84,45 +71,22 @@ fn tenants_cannot_reach_each_others_tags(p: Proto) {
     let (mut admin, mut a, mut b) = tenants(&s, p);
     // Each tenant sees its own tags.
     assert_eq!(a.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7")), 2);
-    assert_eq!(
-        keys_of(&a.run(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"))),
-        ["tenantA:k0", "tenantA:k1"]
-    );
+    assert_eq!(keys_of(&a.run(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"))), ["tenantA:k0", "tenantA:k1"]);
     // And nothing of the other's: listing, counting, invalidating, attaching.
     a.expect_err(&cmd!("TIERCACHE.TAGKEYS", "tenantB:org:9"), NOPERM);
-    a.expect_err(
-        &cmd!("TIERCACHE.TAGKEYS", "tenantB:org:9", "COUNT", 10),
-        NOPERM,
-    );
+    a.expect_err(&cmd!("TIERCACHE.TAGKEYS", "tenantB:org:9", "COUNT", 10), NOPERM);
     a.expect_err(&cmd!("TIERCACHE.TAGCOUNT", "tenantB:org:9"), NOPERM);
     a.expect_err(&cmd!("TIERCACHE.INVALIDATE", "tenantB:org:9"), NOPERM);
     // One denied tag refuses the whole INVALIDATE: the allowed one is not invalidated either.
-    a.expect_err(
-        &cmd!("TIERCACHE.INVALIDATE", "tenantA:org:7", "tenantB:org:9"),
-        NOPERM,
-    );
+    a.expect_err(&cmd!("TIERCACHE.INVALIDATE", "tenantA:org:7", "tenantB:org:9"), NOPERM);
     assert_eq!(a.get("tenantA:k0").as_deref(), Some(&b"a"[..]));
-    a.expect_err(
-        &cmd!(
-            "TIERCACHE.SET",
-            "tenantA:x",
-            "v",
-            "TAGS",
-            2,
-            "tenantA:org:7",
-            "tenantB:org:9"
-        ),
-        NOPERM,
-    );
+    a.expect_err(&cmd!("TIERCACHE.SET", "tenantA:x", "v", "TAGS", 2, "tenantA:org:7", "tenantB:org:9"), NOPERM);
     assert!(!admin.exists("tenantA:x"), "a refused SET wrote");
     b.expect_err(&cmd!("TIERCACHE.INVALIDATE", "tenantA:org:7"), NOPERM);
     b.expect_err(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"), NOPERM);
     // Unprefixed tags are outside every tenant's patterns.
     a.expect_err(&cmd!("TIERCACHE.INVALIDATE", "org:9"), NOPERM);
-    a.expect_err(
-        &cmd!("TIERCACHE.SET", "tenantA:y", "v", "TAGS", 1, "org:9"),
-        NOPERM,
-    );
+    a.expect_err(&cmd!("TIERCACHE.SET", "tenantA:y", "v", "TAGS", 1, "org:9"), NOPERM);
     // Nothing of B's changed.
     assert_eq!(admin.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantB:org:9")), 2);
     assert_eq!(b.get("tenantB:k0").as_deref(), Some(&b"b"[..]));
@@ -130,10 +94,7 @@ fn tenants_cannot_reach_each_others_tags(p: Proto) {
     // The denials are in ACL LOG, as Redis records denied keys.
     let log = admin.run(&cmd!("ACL", "LOG"));
     let text = format!("{log:?}");
-    assert!(
-        text.contains("tenantB:org:9") && text.contains("alice"),
-        "ACL LOG: {text}"
-    );
+    assert!(text.contains("tenantB:org:9") && text.contains("alice"), "ACL LOG: {text}");
     // A tenant invalidates its own tag.
     assert_eq!(b.int(&cmd!("TIERCACHE.INVALIDATE", "tenantB:all")), 2);
     assert_eq!(b.get("tenantB:k0"), None);
@@ -157,24 +118,15 @@ fn tagkeys_lists_only_readable_keys(p: Proto) {
         admin.set(format!("tenantA:k{i}"), "a", &["TAGS", "1", "shared:tag"]);
     }
     let mut a = login(&s, p, "alice");
-    assert_eq!(
-        keys_of(&a.run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))),
-        ["tenantA:k0", "tenantA:k1", "tenantA:k2"]
-    );
+    assert_eq!(keys_of(&a.run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))), ["tenantA:k0", "tenantA:k1", "tenantA:k2"]);
     let two = keys_of(&a.run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag", "COUNT", 2)));
     assert_eq!(two.len(), 2, "COUNT counts readable keys: {two:?}");
     assert!(two.iter().all(|k| k.starts_with("tenantA:")), "{two:?}");
-    assert_eq!(
-        keys_of(&admin.run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))).len(),
-        8
-    );
+    assert_eq!(keys_of(&admin.run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))).len(), 8);
     // A user who may read every key sees them all; a broad pattern that is not all-keys still filters.
     add_user(&mut admin, "all_reader", &["%R~*"]);
     add_user(&mut admin, "broad", &["~*:*", "~*A*"]);
-    assert_eq!(
-        keys_of(&login(&s, p, "all_reader").run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))).len(),
-        8
-    );
+    assert_eq!(keys_of(&login(&s, p, "all_reader").run(&cmd!("TIERCACHE.TAGKEYS", "shared:tag"))).len(), 8);
     admin.set("shared:b", "b", &["TAGS", "1", "shared:tag"]);
     admin.set("nocolon", "b", &["TAGS", "1", "shared:tag"]);
     admin.set("nocolonA", "b", &["TAGS", "1", "shared:tag"]);
@@ -194,21 +146,11 @@ fn read_only_and_write_only_patterns(p: Proto) {
     let mut w = login(&s, p, "writer");
     // Reading a tag needs read permission, invalidating or attaching needs write permission.
     assert_eq!(r.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7")), 2);
-    assert_eq!(
-        keys_of(&r.run(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"))).len(),
-        2
-    );
+    assert_eq!(keys_of(&r.run(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"))).len(), 2);
     r.expect_err(&cmd!("TIERCACHE.INVALIDATE", "tenantA:org:7"), NOPERM);
     w.expect_err(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7"), NOPERM);
     w.expect_err(&cmd!("TIERCACHE.TAGKEYS", "tenantA:org:7"), NOPERM);
-    w.ok(&cmd!(
-        "TIERCACHE.SET",
-        "tenantA:w",
-        "v",
-        "TAGS",
-        1,
-        "tenantA:org:7"
-    ));
+    w.ok(&cmd!("TIERCACHE.SET", "tenantA:w", "v", "TAGS", 1, "tenantA:org:7"));
     assert_eq!(a.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7")), 3);
     assert_eq!(w.int(&cmd!("TIERCACHE.INVALIDATE", "tenantA:org:7")), 3);
     assert_eq!(a.get("tenantA:k0"), None);
@@ -229,29 +171,11 @@ fn multi_and_lua_are_checked_too(p: Proto) {
         other => panic!("INVALIDATE inside MULTI: {other:?}"),
     }
     assert_eq!(as_int(&exec[1]), Some(2));
-    let e = a.err(&cmd!(
-        "EVAL",
-        "return redis.call('TIERCACHE.INVALIDATE', ARGV[1])",
-        0,
-        "tenantB:org:9"
-    ));
+    let e = a.err(&cmd!("EVAL", "return redis.call('TIERCACHE.INVALIDATE', ARGV[1])", 0, "tenantB:org:9"));
     assert!(e.starts_with(NOPERM), "Lua: {e}");
-    let e = a.err(&cmd!(
-        "EVAL",
-        "return redis.call('TIERCACHE.TAGKEYS', ARGV[1])",
-        0,
-        "tenantB:org:9"
-    ));
+    let e = a.err(&cmd!("EVAL", "return redis.call('TIERCACHE.TAGKEYS', ARGV[1])", 0, "tenantB:org:9"));
     assert!(e.starts_with(NOPERM), "Lua: {e}");
-    assert_eq!(
-        a.int(&cmd!(
-            "EVAL",
-            "return redis.call('TIERCACHE.TAGCOUNT', ARGV[1])",
-            0,
-            "tenantA:org:7"
-        )),
-        2
-    );
+    assert_eq!(a.int(&cmd!("EVAL", "return redis.call('TIERCACHE.TAGCOUNT', ARGV[1])", 0, "tenantA:org:7")), 2);
     assert_eq!(admin.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantB:org:9")), 2);
 }
 
@@ -267,14 +191,8 @@ fn replication_and_aof_replay_apply_tenant_writes() {
     a.set("tenantA:later", "v", &["TAGS", "1", "tenantA:org:7"]);
     admin.int(&cmd!("WAIT", 1, 5000));
     let mut rc = replica.conn();
-    assert!(wait_until(ms(5000), || rc
-        .int(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7"))
-        == 3));
-    assert_eq!(
-        rc.get("tenantB:k0"),
-        None,
-        "the replica did not apply the tenant's INVALIDATE"
-    );
+    assert!(wait_until(ms(5000), || rc.int(&cmd!("TIERCACHE.TAGCOUNT", "tenantA:org:7")) == 3));
+    assert_eq!(rc.get("tenantB:k0"), None, "the replica did not apply the tenant's INVALIDATE");
     drop((admin, a, b, rc));
     // The ACL users are not persisted (no aclfile), so the replay runs with no user at all.
     m.restart();

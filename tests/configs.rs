@@ -51,14 +51,8 @@ fn defaults() {
         Value::Array(items) => items.chunks(2).filter_map(|kv| as_string(&kv[0])).collect(),
         other => panic!("CONFIG GET tiercache.*: {other:?}"),
     };
-    assert!(
-        names.contains(&CMS.to_string()) && names.contains(&MT.to_string()),
-        "CONFIG GET tiercache.*: {names:?}"
-    );
-    assert!(
-        names.contains(&MVS.to_string()),
-        "CONFIG GET tiercache.*: {names:?}"
-    );
+    assert!(names.contains(&CMS.to_string()) && names.contains(&MT.to_string()), "CONFIG GET tiercache.*: {names:?}");
+    assert!(names.contains(&MVS.to_string()), "CONFIG GET tiercache.*: {names:?}");
     // Unprefixed names are not configs.
     let v = c.run(&cmd!("CONFIG", "GET", "max-tags"));
     assert_eq!(as_list(&v).map(|l| l.len()), Some(0), "CONFIG GET max-tags: {v:?}");
@@ -202,20 +196,13 @@ fn command_line_sets_configs(p: Proto) {
 #[test]
 fn redis_conf_file_sets_configs() {
     let s = Server::builder()
-        .conf_lines(&[
-            "tiercache.compress-min-size 64",
-            "tiercache.max-tags 5",
-            "tiercache.max-value-size 2048",
-        ])
+        .conf_lines(&["tiercache.compress-min-size 64", "tiercache.max-tags 5", "tiercache.max-value-size 2048"])
         .start();
     let mut c = s.conn();
     assert_eq!(c.config_get(CMS), "64");
     assert_eq!(c.config_get(MT), "5");
     assert_eq!(c.config_get(MVS), "2048");
-    assert_eq!(
-        c.try_run(&cmd!("TIERCACHE.SET", "big", vec![b'x'; 2049])),
-        Err(too_large(2049, 2048))
-    );
+    assert_eq!(c.try_run(&cmd!("TIERCACHE.SET", "big", vec![b'x'; 2049])), Err(too_large(2049, 2048)));
     assert_eq!(set_with_tags(&mut c, "bad", 6), Err(too_many(5)));
     assert_eq!(encoding_of(&mut c, "k", &compressible(100)), "lz4");
 }
@@ -240,11 +227,9 @@ fn invalid_loadmodule_args_fail_to_start() {
                 let running = s.is_running();
                 panic!("redis-server started with --loadmodule ... {} (running: {running})", args.join(" "));
             }
-            Err(log) => assert!(
-                log.contains("exited"),
-                "loadmodule {}: expected redis-server to exit, got: {log}",
-                args.join(" ")
-            ),
+            Err(log) => {
+                assert!(log.contains("exited"), "loadmodule {}: expected redis-server to exit, got: {log}", args.join(" "))
+            }
         }
     }
     // And a valid pair still starts (the harness is not failing for another reason).
@@ -267,80 +252,38 @@ fn max_value_size_config_set_changes_behaviour(p: Proto) {
     c.set("k", "old", &[]);
     let r = c.try_run(&cmd!("TIERCACHE.SET", "k", &bomb, "ENCODING", "lz4"));
     assert_eq!(r, Err(too_large(512 << 20, 64 << 20)));
-    assert_eq!(
-        c.get("k").as_deref(),
-        Some(&b"old"[..]),
-        "a refused SET wrote"
-    );
-    let r = c.try_run(&cmd!(
-        "TIERCACHE.SET",
-        "k",
-        lz4_frame(&vec![0u8; (64 << 20) + 1]),
-        "ENCODING",
-        "lz4"
-    ));
+    assert_eq!(c.get("k").as_deref(), Some(&b"old"[..]), "a refused SET wrote");
+    let r = c.try_run(&cmd!("TIERCACHE.SET", "k", lz4_frame(&vec![0u8; (64 << 20) + 1]), "ENCODING", "lz4"));
     assert_eq!(r, Err(too_large((64 << 20) + 1, 64 << 20)));
-    c.ok(&cmd!(
-        "TIERCACHE.SET",
-        "k64",
-        lz4_frame(&vec![0u8; 64 << 20]),
-        "ENCODING",
-        "lz4"
-    ));
+    c.ok(&cmd!("TIERCACHE.SET", "k64", lz4_frame(&vec![0u8; 64 << 20]), "ENCODING", "lz4"));
     assert_eq!(c.meta("k64").unwrap().size, 64 << 20);
 
     c.ok(&cmd!("CONFIG", "SET", MVS, "1024"));
     assert_eq!(c.config_get(MVS), "1024");
-    c.ok(&cmd!(
-        "TIERCACHE.SET",
-        "raw",
-        vec![b'r'; 1024],
-        "NOCOMPRESS"
-    ));
-    c.ok(&cmd!(
-        "TIERCACHE.SET",
-        "lz",
-        lz4_frame(&[b'l'; 1024]),
-        "ENCODING",
-        "lz4"
-    ));
+    c.ok(&cmd!("TIERCACHE.SET", "raw", vec![b'r'; 1024], "NOCOMPRESS"));
+    c.ok(&cmd!("TIERCACHE.SET", "lz", lz4_frame(&[b'l'; 1024]), "ENCODING", "lz4"));
     for (what, value, opts) in [
         ("raw, compressed here", compressible(1025), &[][..]),
         ("NOCOMPRESS", vec![b'r'; 1025], &["NOCOMPRESS"][..]),
         ("ENCODING raw", vec![b'r'; 1025], &["ENCODING", "raw"][..]),
-        (
-            "ENCODING lz4",
-            lz4_frame(&[b'l'; 1025]),
-            &["ENCODING", "lz4"][..],
-        ),
+        ("ENCODING lz4", lz4_frame(&[b'l'; 1025]), &["ENCODING", "lz4"][..]),
     ] {
         let mut cm = cmd!("TIERCACHE.SET", "k", &value);
         for o in opts {
             cm.arg(*o);
         }
         assert_eq!(c.try_run(&cm), Err(too_large(1025, 1024)), "{what}");
-        assert_eq!(
-            c.get("k").as_deref(),
-            Some(&b"old"[..]),
-            "{what}: a refused SET wrote"
-        );
+        assert_eq!(c.get("k").as_deref(), Some(&b"old"[..]), "{what}: a refused SET wrote");
     }
     // Existing entries larger than the new setting stay readable.
     assert_eq!(c.meta("k64").unwrap().size, 64 << 20);
     // A bad frame header is still reported as such.
-    assert_eq!(
-        c.try_run(&cmd!("TIERCACHE.SET", "k", "xy", "ENCODING", "lz4")),
-        Err("ERR invalid lz4 frame header".into())
-    );
+    assert_eq!(c.try_run(&cmd!("TIERCACHE.SET", "k", "xy", "ENCODING", "lz4")), Err("ERR invalid lz4 frame header".into()));
 
     for bad in ["1023", "0", "-1", "536870913", "1k"] {
         let e = c.err(&cmd!("CONFIG", "SET", MVS, bad));
         assert!(e.starts_with("ERR"), "CONFIG SET {MVS} {bad}: {e}");
-        assert_eq!(
-            c.config_get(MVS),
-            "1024",
-            "CONFIG SET {MVS} {bad} changed the value"
-        );
+        assert_eq!(c.config_get(MVS), "1024", "CONFIG SET {MVS} {bad} changed the value");
     }
     c.ok(&cmd!("CONFIG", "SET", MVS, "536870912"));
     assert_eq!(c.config_get(MVS), "536870912");
@@ -349,28 +292,17 @@ fn max_value_size_config_set_changes_behaviour(p: Proto) {
 
 fn max_value_size_as_loadmodule_arg_and_command_line(p: Proto) {
     for s in [
-        Server::builder()
-            .module_args(&["max-value-size", "2048"])
-            .start(),
-        Server::builder()
-            .module_args(&["tiercache.max-value-size", "2048"])
-            .start(),
-        Server::builder()
-            .args(&["--tiercache.max-value-size", "2048"])
-            .start(),
+        Server::builder().module_args(&["max-value-size", "2048"]).start(),
+        Server::builder().module_args(&["tiercache.max-value-size", "2048"]).start(),
+        Server::builder().args(&["--tiercache.max-value-size", "2048"]).start(),
     ] {
         let mut c = s.conn_proto(p);
         assert_eq!(c.config_get(MVS), "2048");
         c.ok(&cmd!("TIERCACHE.SET", "ok", vec![b'x'; 2048]));
-        assert_eq!(
-            c.try_run(&cmd!("TIERCACHE.SET", "big", vec![b'x'; 2049])),
-            Err(too_large(2049, 2048))
-        );
+        assert_eq!(c.try_run(&cmd!("TIERCACHE.SET", "big", vec![b'x'; 2049])), Err(too_large(2049, 2048)));
         assert!(!c.exists("big"));
     }
-    let s = Server::builder()
-        .module_args(&["max-value-size", "1024"])
-        .start();
+    let s = Server::builder().module_args(&["max-value-size", "1024"]).start();
     assert_eq!(s.conn_proto(p).config_get(MVS), "1024");
 }
 
@@ -379,45 +311,26 @@ fn max_value_size_as_loadmodule_arg_and_command_line(p: Proto) {
 /// brings the entry back.
 #[test]
 fn max_value_size_does_not_apply_to_replicated_or_loaded_entries() {
-    let mut m = Server::builder()
-        .args(&["--appendonly", "yes", "--aof-use-rdb-preamble", "no"])
-        .start();
+    let mut m = Server::builder().args(&["--appendonly", "yes", "--aof-use-rdb-preamble", "no"]).start();
     m.wait_no_background_job();
     let r = m.start_replica(Server::builder().args(&["--tiercache.max-value-size", "1024"]));
     let mut mc = m.conn();
     let big = compressible(5000);
     mc.ok(&cmd!("TIERCACHE.SET", "big", &big, "TAGS", 1, "t"));
-    mc.ok(&cmd!(
-        "TIERCACHE.SET",
-        "frame",
-        lz4_frame(&[7u8; 3000]),
-        "ENCODING",
-        "lz4"
-    ));
+    mc.ok(&cmd!("TIERCACHE.SET", "frame", lz4_frame(&[7u8; 3000]), "ENCODING", "lz4"));
     mc.int(&cmd!("WAIT", 1, 5000));
     let mut rc = r.conn();
-    assert_eq!(
-        rc.get("big"),
-        Some(big.clone()),
-        "the replica refused the master's SET"
-    );
+    assert_eq!(rc.get("big"), Some(big.clone()), "the replica refused the master's SET");
     assert_eq!(rc.get("frame"), Some(vec![7u8; 3000]));
     drop(mc);
     // AOF replay (no preamble: the entries come back as TIERCACHE.SET) with a lower setting.
     m.restart_with_args(&["--tiercache.max-value-size", "1024"]);
     let mut mc = m.conn();
     assert_eq!(mc.config_get(MVS), "1024");
-    assert_eq!(
-        mc.get("big"),
-        Some(big.clone()),
-        "AOF replay refused the entry"
-    );
+    assert_eq!(mc.get("big"), Some(big.clone()), "AOF replay refused the entry");
     assert_eq!(mc.get("frame"), Some(vec![7u8; 3000]));
     // RDB load with a lower setting.
     mc.ok(&cmd!("DEBUG", "RELOAD"));
     assert_eq!(mc.get("big"), Some(big));
-    assert_eq!(
-        mc.try_run(&cmd!("TIERCACHE.SET", "new", compressible(5000))),
-        Err(too_large(5000, 1024))
-    );
+    assert_eq!(mc.try_run(&cmd!("TIERCACHE.SET", "new", compressible(5000))), Err(too_large(5000, 1024)));
 }

@@ -725,8 +725,7 @@ fn stats_equal_info_section(p: Proto) {
     let info = c.info("tiercache");
     let fields = info_section_fields(&info, "tiercache_stats")
         .unwrap_or_else(|| panic!("INFO tiercache has no '# tiercache_stats' section:\n{info}"));
-    let names: Vec<String> =
-        fields.iter().map(|(k, _)| k.strip_prefix("tiercache_").unwrap_or(k).to_string()).collect();
+    let names: Vec<String> = fields.iter().map(|(k, _)| k.strip_prefix("tiercache_").unwrap_or(k).to_string()).collect();
     assert_eq!(names, STATS_FIELDS.to_vec(), "INFO tiercache_stats fields (module-name prefix stripped):\n{info}");
     for ((name, v), (_, iv)) in st.0.iter().zip(fields.iter()) {
         assert_eq!(iv.parse::<i64>().ok(), Some(*v), "INFO vs STATS for {name}");
@@ -759,10 +758,7 @@ fn stats_cover_all_dbs_and_flush(p: Proto) {
     assert_eq!(st.get("bytes_stored"), 12);
     c.ok(&cmd!("FLUSHALL"));
     let st = c.stats();
-    assert_eq!(
-        (st.get("entries"), st.get("compressed_entries"), st.get("bytes_original"), st.get("bytes_stored")),
-        (0, 0, 0, 0)
-    );
+    assert_eq!((st.get("entries"), st.get("compressed_entries"), st.get("bytes_original"), st.get("bytes_stored")), (0, 0, 0, 0));
     // SWAPDB moves entries between DBs without changing the totals.
     c.select(0);
     c.set("x", "1", &[]);
@@ -958,10 +954,9 @@ fn native_memory_usage(p: Proto) {
 fn lookup<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
     match v {
         Value::Map(kv) => kv.iter().find(|(k, _)| as_string(k).as_deref() == Some(name)).map(|(_, v)| v),
-        Value::Array(items) => items
-            .chunks(2)
-            .find(|kv| kv.len() == 2 && as_string(&kv[0]).as_deref() == Some(name))
-            .map(|kv| &kv[1]),
+        Value::Array(items) => {
+            items.chunks(2).find(|kv| kv.len() == 2 && as_string(&kv[0]).as_deref() == Some(name)).map(|kv| &kv[1])
+        }
         _ => None,
     }
 }
@@ -1003,8 +998,7 @@ fn command_info_and_docs(p: Proto) {
     assert_eq!(lookup(doc, "group").and_then(as_string).as_deref(), Some("module"), "docs: {doc:?}");
     let modname = lookup(doc, "module").and_then(as_string).unwrap_or_else(|| panic!("docs lack module: {doc:?}"));
     let list = c.run(&cmd!("MODULE", "LIST"));
-    let names: Vec<String> =
-        as_list(&list).unwrap().iter().filter_map(|m| lookup(m, "name").and_then(as_string)).collect();
+    let names: Vec<String> = as_list(&list).unwrap().iter().filter_map(|m| lookup(m, "name").and_then(as_string)).collect();
     assert!(names.contains(&modname), "COMMAND DOCS module {modname:?} not in MODULE LIST {names:?}");
     assert!(names.iter().any(|n| n == "tiercache"), "MODULE LIST {names:?}");
 }
@@ -1104,6 +1098,9 @@ fn a_caught_panic_is_logged_and_answered() {
 
     let s = Server::builder().args(&["--enable-debug-command", "no"]).start();
     let mut c = s.conn();
-    c.expect_err(&cmd!("TIERCACHE.DEBUG", "PANIC"), "ERR TIERCACHE.DEBUG is not allowed: set enable-debug-command to yes or local");
+    c.expect_err(
+        &cmd!("TIERCACHE.DEBUG", "PANIC"),
+        "ERR TIERCACHE.DEBUG is not allowed: set enable-debug-command to yes or local",
+    );
     assert!(!s.log().contains("panic at"), "no panic where DEBUG is not allowed");
 }

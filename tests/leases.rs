@@ -430,11 +430,8 @@ fn stampede_one_fill_from_four_processes() {
         let n = lines.iter().filter(|(i, l)| *i == id && l.starts_with("LW RESULT ")).count();
         assert_eq!(n, PER, "worker process {id}: one result per connection");
     }
-    let results: Vec<Vec<&str>> = lines
-        .iter()
-        .filter_map(|(_, l)| l.strip_prefix("LW RESULT "))
-        .map(|r| r.split(' ').collect())
-        .collect();
+    let results: Vec<Vec<&str>> =
+        lines.iter().filter_map(|(_, l)| l.strip_prefix("LW RESULT ")).map(|r| r.split(' ').collect()).collect();
     let bad: Vec<&(usize, String)> = lines.iter().filter(|(_, l)| l.starts_with("LW BAD")).collect();
     assert!(bad.is_empty(), "malformed lease replies: {bad:?}");
     assert_eq!(results.len(), PROCS * PER, "one result per call: {lines:?}");
@@ -466,7 +463,11 @@ fn stampede_one_fill_from_four_processes() {
     assert_eq!(st.get("waiters_woken"), st.get("waiters_parked"), "every parked caller was woken: {st:?}");
     assert!(st.get("waiters_parked") <= (PROCS * PER - 1) as i64, "{st:?}");
     // The calls really overlapped (the holder sleeps 200 ms before its SET): many were parked on the lease.
-    assert!(st.get("waiters_parked") >= 50, "only {} callers parked: the stampede was not concurrent: {st:?}", st.get("waiters_parked"));
+    assert!(
+        st.get("waiters_parked") >= 50,
+        "only {} callers parked: the stampede was not concurrent: {st:?}",
+        st.get("waiters_parked")
+    );
     assert_settled(&mut c);
     assert_eq!(c.get("stampede").as_deref(), Some(STAMPEDE_VALUE.as_bytes()));
 }
@@ -1167,7 +1168,8 @@ fn no_leak_after_thousands_of_cycles() {
         for w in waiters.iter_mut() {
             let r = w.lease(secs(10), false);
             assert!(
-                (r.status == "FILL" && r.token.is_some() && r.value.is_none()) || r == Lr { status: "BUSY".into(), value: None, token: None, encoding: None },
+                (r.status == "FILL" && r.token.is_some() && r.value.is_none())
+                    || r == Lr { status: "BUSY".into(), value: None, token: None, encoding: None },
                 "short lease waiter: {r:?}"
             );
             cycles += 1;

@@ -28,10 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use common::{
-    as_int, cmd_text, error_text, is_ok, now_ms, pairs, Conn, Proto, Server, Value, META_FIELDS,
-    STATS_FIELDS,
-};
+use common::{as_int, cmd_text, error_text, is_ok, now_ms, pairs, Conn, Proto, Server, Value, META_FIELDS, STATS_FIELDS};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
@@ -454,12 +451,10 @@ struct Model {
     case_start_ms: i64,
 }
 
-const NOT_HELD: &str =
-    "FENCED the lease is not held by this token (expired, released or re-granted)";
+const NOT_HELD: &str = "FENCED the lease is not held by this token (expired, released or re-granted)";
 const KEY_CHANGED: &str = "FENCED the key was written or deleted after the lease was granted";
 const WRONGTYPE: &str = common::WRONGTYPE;
-const TAG_INVALIDATED: &str =
-    "FENCED a tag of this entry was invalidated after the lease was granted";
+const TAG_INVALIDATED: &str = "FENCED a tag of this entry was invalidated after the lease was granted";
 
 /// The documented frame check (COMMANDS.md, "What SET ENCODING lz4 checks"): header, then decode.
 fn frame_check(frame: &[u8]) -> Result<usize, &'static str> {
@@ -471,11 +466,7 @@ fn frame_check(frame: &[u8]) -> Result<usize, &'static str> {
         return Err("ERR lz4 frame announces more than 512 MiB");
     }
     let payload = frame.len() - 4;
-    let plausible = if len == 0 {
-        payload == 1
-    } else {
-        payload > 0 && payload * 255 >= len
-    };
+    let plausible = if len == 0 { payload == 1 } else { payload > 0 && payload * 255 >= len };
     if !plausible {
         return Err("ERR invalid lz4 frame header");
     }
@@ -528,10 +519,7 @@ impl Model {
     }
 
     fn new() -> Model {
-        Model {
-            case_start_ms: now_ms(),
-            ..Model::default()
-        }
+        Model { case_start_ms: now_ms(), ..Model::default() }
     }
 
     /// The model's name for `key` in the selected database.
@@ -587,10 +575,7 @@ impl Model {
             return (Want::Err("ERR syntax error".into()), false);
         }
         if op.stale.is_some_and(|s| s > 0) && matches!(op.fresh, Fresh::Forever) {
-            return (
-                Want::Err("ERR STALE needs a fresh period: add EX, PX, EXAT or PXAT".into()),
-                false,
-            );
+            return (Want::Err("ERR STALE needs a fresh period: add EX, PX, EXAT or PXAT".into()), false);
         }
         let value = op.val.bytes();
         let (stored, lz4) = match op.enc {
@@ -608,12 +593,7 @@ impl Model {
                 Err(e) => return (Want::Err(e.into()), false),
             },
         };
-        let tags_given: Vec<Vec<u8>> = op
-            .tags
-            .iter()
-            .flatten()
-            .map(|&i| TAGS[i].to_vec())
-            .collect();
+        let tags_given: Vec<Vec<u8>> = op.tags.iter().flatten().map(|&i| TAGS[i].to_vec()).collect();
         if self.strings.contains_key(&key) {
             return (Want::Err(WRONGTYPE.into()), false);
         }
@@ -624,9 +604,7 @@ impl Model {
             };
             let fence = if l.key_changed {
                 Some(KEY_CHANGED)
-            } else if !tags_given.is_empty()
-                && (l.all_tags || tags_given.iter().any(|t| l.invalidated.contains(t)))
-            {
+            } else if !tags_given.is_empty() && (l.all_tags || tags_given.iter().any(|t| l.invalidated.contains(t))) {
                 Some(TAG_INVALIDATED)
             } else {
                 None
@@ -661,11 +639,7 @@ impl Model {
                 tags.push(t);
             }
         }
-        let value = if lz4 && matches!(op.enc, Enc::Lz4(_)) {
-            common::lz4_unframe(&stored)
-        } else {
-            value
-        };
+        let value = if lz4 && matches!(op.enc, Enc::Lz4(_)) { common::lz4_unframe(&stored) } else { value };
         let entry = MEntry {
             value,
             stored,
@@ -738,10 +712,7 @@ impl Model {
             T::Rel(id, off) => {
                 match self.nows.get(&id) {
                     Some(&now) if got == now + off => Ok(()),
-                    Some(&now) => Err(format!(
-                        "{what}: expected {now} + {off} = {} (SET #{id}'s now), got {got}",
-                        now + off
-                    )),
+                    Some(&now) => Err(format!("{what}: expected {now} + {off} = {} (SET #{id}'s now), got {got}", now + off)),
                     None => {
                         let now = got - off;
                         // The server's clock, read during this case: a loose sanity bound, not a timing check.
@@ -785,11 +756,7 @@ fn bulk_or_nil(v: &Value) -> Option<Option<Vec<u8>>> {
 
 fn show(b: &[u8]) -> String {
     if b.len() > 48 {
-        format!(
-            "{:?}...({} bytes)",
-            String::from_utf8_lossy(&b[..32]),
-            b.len()
-        )
+        format!("{:?}...({} bytes)", String::from_utf8_lossy(&b[..32]), b.len())
     } else {
         format!("{:?}", String::from_utf8_lossy(b))
     }
@@ -845,51 +812,28 @@ fn check_meta(model: &mut Model, key: &[u8], got: &Value, proto: Proto) -> Resul
     check_meta_with(model, key, want, got, proto)
 }
 
-fn check_meta_with(
-    model: &mut Model,
-    key: &[u8],
-    want: MetaWant,
-    got: &Value,
-    proto: Proto,
-) -> Result<(), String> {
+fn check_meta_with(model: &mut Model, key: &[u8], want: MetaWant, got: &Value, proto: Proto) -> Result<(), String> {
     let MetaWant::Entry(want) = want else {
         return expect(got, &Want::Err(WRONGTYPE.into()));
     };
     let Some(e) = want else {
-        ensure!(
-            *got == Value::Nil,
-            "META {}: the model has no entry, the server answered {got:?}",
-            show(key)
-        );
+        ensure!(*got == Value::Nil, "META {}: the model has no entry, the server answered {got:?}", show(key));
         return Ok(());
     };
-    ensure!(
-        *got != Value::Nil,
-        "META {}: the model has {e:?}, the server answered nil",
-        show(key)
-    );
+    ensure!(*got != Value::Nil, "META {}: the model has {e:?}, the server answered nil", show(key));
     let p = pairs(got, &META_FIELDS, proto, "TIERCACHE.META");
-    let int = |i: usize| {
-        as_int(&p[i].1).ok_or_else(|| format!("META {} not an integer: {:?}", p[i].0, p[i].1))
-    };
+    let int = |i: usize| as_int(&p[i].1).ok_or_else(|| format!("META {} not an integer: {:?}", p[i].0, p[i].1));
     let text = |i: usize| match &p[i].1 {
         Value::BulkString(b) => Ok(b.clone()),
         Value::SimpleString(s) => Ok(s.clone().into_bytes()),
         other => Err(format!("META {} not a string: {other:?}", p[i].0)),
     };
     let fresh = e.fresh();
-    ensure!(
-        text(0)? == if fresh { &b"fresh"[..] } else { b"stale" },
-        "META state: fresh={fresh}, got {:?}",
-        p[0].1
-    );
+    ensure!(text(0)? == if fresh { &b"fresh"[..] } else { b"stale" }, "META state: fresh={fresh}, got {:?}", p[0].1);
     let fresh_ttl = int(1)?;
     match (e.fresh_until, fresh) {
         (T::Never, _) => ensure!(fresh_ttl == -1, "META fresh_ttl_ms {fresh_ttl}, want -1"),
-        (_, false) => ensure!(
-            fresh_ttl == 0,
-            "META fresh_ttl_ms {fresh_ttl}, want 0 (stale)"
-        ),
+        (_, false) => ensure!(fresh_ttl == 0, "META fresh_ttl_ms {fresh_ttl}, want 0 (stale)"),
         _ => ensure!(fresh_ttl > 0, "META fresh_ttl_ms {fresh_ttl}, want > 0"),
     }
     let stale_ttl = int(2)?;
@@ -909,42 +853,16 @@ fn check_meta_with(
             .collect::<Result<_, _>>()?,
         other => return Err(format!("META tags not an array: {other:?}")),
     };
-    ensure!(
-        tags == e.tags,
-        "META tags: want {:?}, got {:?}",
-        e.tags,
-        tags
-    );
-    ensure!(
-        text(6)? == e.encoding().as_bytes(),
-        "META encoding: want {}, got {:?}",
-        e.encoding(),
-        p[6].1
-    );
-    ensure!(
-        int(7)? == e.value.len() as i64,
-        "META size: want {}, got {:?}",
-        e.value.len(),
-        p[7].1
-    );
-    ensure!(
-        int(8)? == e.stored.len() as i64,
-        "META stored_size: want {}, got {:?}",
-        e.stored.len(),
-        p[8].1
-    );
+    ensure!(tags == e.tags, "META tags: want {:?}, got {:?}", e.tags, tags);
+    ensure!(text(6)? == e.encoding().as_bytes(), "META encoding: want {}, got {:?}", e.encoding(), p[6].1);
+    ensure!(int(7)? == e.value.len() as i64, "META size: want {}, got {:?}", e.value.len(), p[7].1);
+    ensure!(int(8)? == e.stored.len() as i64, "META stored_size: want {}, got {:?}", e.stored.len(), p[8].1);
     model.check_time(e.created, int(9)?, "META created_ms")?;
     Ok(())
 }
 
 /// One lease read: the reply's shape, status, value, token, encoding and fresh time left.
-fn lease_get(
-    model: &mut Model,
-    key: &[u8],
-    encoded: bool,
-    withttl: bool,
-    got: &Value,
-) -> Result<(), String> {
+fn lease_get(model: &mut Model, key: &[u8], encoded: bool, withttl: bool, got: &Value) -> Result<(), String> {
     let key = &model.qk(key)[..];
     if model.strings.contains_key(key) {
         tally("lease read WRONGTYPE");
@@ -954,17 +872,10 @@ fn lease_get(
         return Err(format!("lease read: not an array: {got:?}"));
     };
     let len = 3 + usize::from(encoded) + usize::from(withttl);
-    ensure!(
-        items.len() == len,
-        "lease read: {} elements, want {len}: {got:?}",
-        items.len()
-    );
+    ensure!(items.len() == len, "lease read: {} elements, want {len}: {got:?}", items.len());
     let elems: Vec<Option<Vec<u8>>> = items[..3 + usize::from(encoded)]
         .iter()
-        .map(|v| {
-            bulk_or_nil(v)
-                .ok_or_else(|| format!("lease read: element not a bulk string or null: {got:?}"))
-        })
+        .map(|v| bulk_or_nil(v).ok_or_else(|| format!("lease read: element not a bulk string or null: {got:?}")))
         .collect::<Result<_, _>>()?;
     let entry = model.live(key).cloned();
     let held = model.leases.contains_key(key);
@@ -974,11 +885,7 @@ fn lease_get(
         None if held => (b"BUSY", None, false),
         None => (b"FILL", None, true),
     };
-    tally(format!(
-        "lease read {}{}",
-        String::from_utf8_lossy(status),
-        if grant { " + token" } else { "" }
-    ));
+    tally(format!("lease read {}{}", String::from_utf8_lossy(status), if grant { " + token" } else { "" }));
     match status {
         b"HIT" => model.counters.hits += 1,
         b"STALE" => model.counters.stale_served += 1,
@@ -990,13 +897,7 @@ fn lease_get(
         show(elems[0].as_deref().unwrap_or(b"nil")),
         show(status)
     );
-    let want_value = value.map(|e| {
-        if encoded {
-            e.stored.clone()
-        } else {
-            e.value.clone()
-        }
-    });
+    let want_value = value.map(|e| if encoded { e.stored.clone() } else { e.value.clone() });
     ensure!(
         elems[1] == want_value,
         "lease read {}: value {:?}, want {:?}",
@@ -1011,21 +912,11 @@ fn lease_get(
                 "lease read: token {} is not a positive decimal",
                 show(t)
             );
-            ensure!(
-                !model.tokens.contains(t),
-                "lease read: token {} was given out before",
-                show(t)
-            );
+            ensure!(!model.tokens.contains(t), "lease read: token {} was given out before", show(t));
             model.tokens.push(t.clone());
-            model.leases.insert(
-                key.to_vec(),
-                MLease {
-                    token: t.clone(),
-                    key_changed: false,
-                    invalidated: Vec::new(),
-                    all_tags: false,
-                },
-            );
+            model
+                .leases
+                .insert(key.to_vec(), MLease { token: t.clone(), key_changed: false, invalidated: Vec::new(), all_tags: false });
             model.counters.leases_granted += 1;
         }
         (None, false) => {}
@@ -1040,12 +931,7 @@ fn lease_get(
     }
     if encoded {
         let want = value.map(|e| e.encoding().as_bytes().to_vec());
-        ensure!(
-            elems[3] == want,
-            "lease read: encoding {:?}, want {:?}",
-            elems[3],
-            want
-        );
+        ensure!(elems[3] == want, "lease read: encoding {:?}, want {:?}", elems[3], want);
     }
     if withttl {
         let ttl = &items[len - 1];
@@ -1060,11 +946,7 @@ fn lease_get(
                     (_, false) => *n == 0,
                     _ => *n > 0,
                 };
-                ensure!(
-                    ok,
-                    "lease read WITHTTL: {n} for fresh_until {:?}",
-                    e.fresh_until
-                );
+                ensure!(ok, "lease read WITHTTL: {n} for fresh_until {:?}", e.fresh_until);
             }
         }
     }
@@ -1123,8 +1005,7 @@ fn set_cmd(model: &Model, s: &SetOp) -> (redis::Cmd, Vec<u8>) {
         cmd.arg("CREATED").arg(cr);
     }
     if let Some(t) = s.lease {
-        cmd.arg("LEASE")
-            .arg(model.token(t, &model.qk(key_arg(s.key))));
+        cmd.arg("LEASE").arg(model.token(t, &model.qk(key_arg(s.key))));
     }
     (cmd, value_arg)
 }
@@ -1139,11 +1020,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 _ if expired => "SET ok, expired at once".to_string(),
                 _ => format!(
                     "SET ok{}{}",
-                    if s.lease.is_some() {
-                        " (lease fill)"
-                    } else {
-                        ""
-                    },
+                    if s.lease.is_some() { " (lease fill)" } else { "" },
                     if s.keepttl { " KEEPTTL" } else { "" }
                 ),
             });
@@ -1152,26 +1029,18 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             if expired {
                 // Written already expired: lazy expiry removes it now, so the tag index is exact.
                 let n = c.raw(&cmd!("EXISTS", key_arg(s.key)));
-                ensure!(
-                    n == Value::Int(0),
-                    "EXISTS after a SET that expired at once: {n:?}"
-                );
+                ensure!(n == Value::Int(0), "EXISTS after a SET that expired at once: {n:?}");
             }
             Ok(())
         }
         Op::Get { key, encoded } => {
             let k = key_arg(*key);
-            let cmd = if *encoded {
-                cmd!("TIERCACHE.GET", k, "ENCODED")
-            } else {
-                cmd!("TIERCACHE.GET", k)
-            };
+            let cmd = if *encoded { cmd!("TIERCACHE.GET", k, "ENCODED") } else { cmd!("TIERCACHE.GET", k) };
             let got = c.raw(&cmd);
             let qk = model.qk(k);
             if model.strings.contains_key(&qk) {
                 tally("GET wrongtype");
-                return expect(&got, &Want::Err(WRONGTYPE.into()))
-                    .map_err(|e| format!("{}: {e}", cmd_text(&cmd)));
+                return expect(&got, &Want::Err(WRONGTYPE.into())).map_err(|e| format!("{}: {e}", cmd_text(&cmd)));
             }
             let live = model.live(&qk).filter(|e| e.fresh()).cloned();
             tally(match model.live(&qk) {
@@ -1192,22 +1061,13 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                         Value::BulkString(e.encoding().as_bytes().to_vec()),
                         Value::BulkString(e.stored.clone()),
                     ]);
-                    ensure!(
-                        got == want,
-                        "expected [{}, {}], got {got:?}",
-                        e.encoding(),
-                        show(&e.stored)
-                    );
+                    ensure!(got == want, "expected [{}, {}], got {got:?}", e.encoding(), show(&e.stored));
                     Ok(())
                 }
             }
             .map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
         }
-        Op::LeaseGet {
-            key,
-            encoded,
-            withttl,
-        } => {
+        Op::LeaseGet { key, encoded, withttl } => {
             let k = key_arg(*key);
             let mut cmd = cmd!("TIERCACHE.GET", k);
             if *encoded {
@@ -1218,8 +1078,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             }
             cmd.arg("LEASE").arg(LEASE_MS);
             let got = c.raw(&cmd);
-            lease_get(model, k, *encoded, *withttl, &got)
-                .map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
+            lease_get(model, k, *encoded, *withttl, &got).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
         }
         Op::Meta { key } => {
             let k = key_arg(*key);
@@ -1249,11 +1108,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
                 cmd.arg(&n[..]);
             }
             let want = model.invalidate(&names);
-            tally(if want > 0 {
-                "INVALIDATE of live entries"
-            } else {
-                "INVALIDATE of nothing"
-            });
+            tally(if want > 0 { "INVALIDATE of live entries" } else { "INVALIDATE of nothing" });
             let got = c.raw(&cmd);
             expect(&got, &Want::Int(want)).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))?;
             wait_reclaimed(c)?;
@@ -1273,11 +1128,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             }
             let want = model.invalidate(&names);
             let got = c.raw(&cmd);
-            tally(if hot.is_some() {
-                "INVALIDATE of one tag 65 times"
-            } else {
-                "INVALIDATE of 65 tags"
-            });
+            tally(if hot.is_some() { "INVALIDATE of one tag 65 times" } else { "INVALIDATE of 65 tags" });
             expect(&got, &Want::Int(want)).map_err(|e| format!("INVALIDATE of 65 tags: {e}"))?;
             wait_reclaimed(c)?;
             model.reclaim();
@@ -1286,8 +1137,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
         Op::TagCount { tag } => {
             let t = tag_name(*tag);
             let got = c.raw(&cmd!("TIERCACHE.TAGCOUNT", t));
-            expect(&got, &Want::Int(model.tag_keys(t).len() as i64))
-                .map_err(|e| format!("TAGCOUNT {}: {e}", show(t)))
+            expect(&got, &Want::Int(model.tag_keys(t).len() as i64)).map_err(|e| format!("TAGCOUNT {}: {e}", show(t)))
         }
         Op::TagKeys { tag, count } => {
             let t = tag_name(*tag);
@@ -1317,10 +1167,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             } else {
                 Want::Int(0)
             };
-            tally(format!(
-                "RELEASE{} -> {want:?}",
-                if *pass { " PASS" } else { "" }
-            ));
+            tally(format!("RELEASE{} -> {want:?}", if *pass { " PASS" } else { "" }));
             let got = c.raw(&cmd);
             expect(&got, &want).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
         }
@@ -1365,11 +1212,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             } else if let Some(ttl) = model.strings.get_mut(&qk) {
                 *ttl = true;
             }
-            tally(format!(
-                "PEXPIREAT {} -> {}",
-                if *past { "past" } else { "future" },
-                i64::from(existed)
-            ));
+            tally(format!("PEXPIREAT {} -> {}", if *past { "past" } else { "future" }, i64::from(existed)));
             let got = c.raw(&cmd!("PEXPIREAT", k, at));
             expect(&got, &Want::Int(i64::from(existed))).map_err(|e| format!("PEXPIREAT {at}: {e}"))
         }
@@ -1398,10 +1241,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
             TxOp::Set(s) => {
                 let (cmd, value_arg) = set_cmd(model, s);
                 let (want, expired) = model.set(s, &value_arg);
-                ensure!(
-                    !expired,
-                    "generator: a SET in MULTI must not expire at once: {s:?}"
-                );
+                ensure!(!expired, "generator: a SET in MULTI must not expire at once: {s:?}");
                 tally(match &want {
                     Want::Err(e) => format!("MULTI: SET error: {e}"),
                     _ => "MULTI: SET ok".to_string(),
@@ -1411,11 +1251,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
             TxOp::Get { key, encoded } => {
                 let k = key_arg(*key);
                 let qk = model.qk(k);
-                let cmd = if *encoded {
-                    cmd!("TIERCACHE.GET", k, "ENCODED")
-                } else {
-                    cmd!("TIERCACHE.GET", k)
-                };
+                let cmd = if *encoded { cmd!("TIERCACHE.GET", k, "ENCODED") } else { cmd!("TIERCACHE.GET", k) };
                 let want = if model.strings.contains_key(&qk) {
                     TxWant::Plain(Want::Err(WRONGTYPE.into()))
                 } else {
@@ -1443,10 +1279,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
             }
             TxOp::Meta { key } => {
                 let k = key_arg(*key);
-                (
-                    cmd!("TIERCACHE.META", k),
-                    TxWant::Meta(k.to_vec(), meta_want(model, k)),
-                )
+                (cmd!("TIERCACHE.META", k), TxWant::Meta(k.to_vec(), meta_want(model, k)))
             }
             TxOp::Exists { key } => {
                 let k = key_arg(*key);
@@ -1454,10 +1287,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
                 if model.entries.get(&qk).is_some_and(|e| e.dead) {
                     tally("MULTI: EXISTS of an invalidated key (1)");
                 }
-                (
-                    cmd!("EXISTS", k),
-                    TxWant::Plain(Want::Int(i64::from(model.exists(&qk)))),
-                )
+                (cmd!("EXISTS", k), TxWant::Plain(Want::Int(i64::from(model.exists(&qk)))))
             }
             TxOp::Del { keys, native } => {
                 let mut cmd = redis::cmd(if *native { "DEL" } else { "TIERCACHE.DEL" });
@@ -1493,10 +1323,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
             }
             TxOp::TagKeys { tag } => {
                 let t = TAGS[*tag];
-                (
-                    cmd!("TIERCACHE.TAGKEYS", t),
-                    TxWant::TagKeys(model.tag_keys(t)),
-                )
+                (cmd!("TIERCACHE.TAGKEYS", t), TxWant::TagKeys(model.tag_keys(t)))
             }
         };
         queued.push((cmd, want));
@@ -1504,22 +1331,13 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
     expect(&c.raw(&cmd!("MULTI")), &Want::Ok).map_err(|e| format!("MULTI: {e}"))?;
     for (cmd, _) in &queued {
         let q = c.raw(cmd);
-        ensure!(
-            matches!(&q, Value::SimpleString(s) if s == "QUEUED"),
-            "{} in MULTI: {q:?}, want QUEUED",
-            cmd_text(cmd)
-        );
+        ensure!(matches!(&q, Value::SimpleString(s) if s == "QUEUED"), "{} in MULTI: {q:?}, want QUEUED", cmd_text(cmd));
     }
     let exec = c.raw(&cmd!("EXEC"));
     let Value::Array(replies) = exec else {
         return Err(format!("EXEC: not an array: {exec:?}"));
     };
-    ensure!(
-        replies.len() == queued.len(),
-        "EXEC: {} replies for {} commands",
-        replies.len(),
-        queued.len()
-    );
+    ensure!(replies.len() == queued.len(), "EXEC: {} replies for {} commands", replies.len(), queued.len());
     for (i, ((cmd, want), got)) in queued.into_iter().zip(&replies).enumerate() {
         let r = match want {
             TxWant::Plain(w) => expect(got, &w),
@@ -1544,16 +1362,9 @@ fn check_tagkeys(model: &Model, tag: &[u8], count: Option<i64>, got: &Value) -> 
     check_tagkeys_with(model.tag_keys(tag), count, got)
 }
 
-fn check_tagkeys_with(
-    want: BTreeSet<Vec<u8>>,
-    count: Option<i64>,
-    got: &Value,
-) -> Result<(), String> {
+fn check_tagkeys_with(want: BTreeSet<Vec<u8>>, count: Option<i64>, got: &Value) -> Result<(), String> {
     if count == Some(0) {
-        return expect(
-            got,
-            &Want::Err("ERR COUNT must be a positive integer".into()),
-        );
+        return expect(got, &Want::Err("ERR COUNT must be a positive integer".into()));
     }
     let Value::Array(items) = got else {
         return Err(format!("TAGKEYS: not an array: {got:?}"));
@@ -1569,12 +1380,7 @@ fn check_tagkeys_with(
     ensure!(set.len() == keys.len(), "TAGKEYS: repeated names {keys:?}");
     let limit = count.unwrap_or(100) as usize;
     ensure!(set.is_subset(&want), "TAGKEYS: {set:?} not among {want:?}");
-    ensure!(
-        set.len() == want.len().min(limit),
-        "TAGKEYS: {} names, want {} of {want:?}",
-        set.len(),
-        want.len().min(limit)
-    );
+    ensure!(set.len() == want.len().min(limit), "TAGKEYS: {} names, want {} of {want:?}", set.len(), want.len().min(limit));
     Ok(())
 }
 
@@ -1598,24 +1404,18 @@ fn stats_map(c: &mut Conn) -> BTreeMap<String, i64> {
 }
 
 /// After a sequence: every key's META, every tag's keys, and STATS against the model.
-fn final_sweep(
-    c: &mut Conn,
-    model: &mut Model,
-    before: &BTreeMap<String, i64>,
-) -> Result<(), String> {
+fn final_sweep(c: &mut Conn, model: &mut Model, before: &BTreeMap<String, i64>) -> Result<(), String> {
     for db in 0..2u8 {
         model.db = db;
         c.ok(&cmd!("SELECT", db));
         for (i, k) in KEYS.iter().enumerate() {
             let got = c.raw(&cmd!("TIERCACHE.META", *k));
-            check_meta(model, k, &got, c.proto)
-                .map_err(|e| format!("final META of key #{i} in db {db}: {e}"))?;
+            check_meta(model, k, &got, c.proto).map_err(|e| format!("final META of key #{i} in db {db}: {e}"))?;
         }
         for i in 0..TAGS.len() + OTHER_TAGS.len() {
             let t = tag_name(i);
             let got = c.raw(&cmd!("TIERCACHE.TAGKEYS", t));
-            check_tagkeys(model, t, None, &got)
-                .map_err(|e| format!("final TAGKEYS {} in db {db}: {e}", show(t)))?;
+            check_tagkeys(model, t, None, &got).map_err(|e| format!("final TAGKEYS {} in db {db}: {e}", show(t)))?;
         }
     }
     let after = stats_map(c);
@@ -1630,46 +1430,20 @@ fn final_sweep(
         passes: delta("passes"),
         invalidations: delta("invalidations"),
     };
-    ensure!(
-        got == model.counters,
-        "STATS counters over the case: want {:?}, got {got:?}",
-        model.counters
-    );
-    for f in [
-        "handoffs",
-        "waiters_parked",
-        "waiters_woken",
-        "wait_timeouts",
-        "lease_timeouts",
-        "early_refreshes",
-    ] {
+    ensure!(got == model.counters, "STATS counters over the case: want {:?}, got {got:?}", model.counters);
+    for f in ["handoffs", "waiters_parked", "waiters_woken", "wait_timeouts", "lease_timeouts", "early_refreshes"] {
         ensure!(delta(f) == 0, "STATS {f} moved by {}", delta(f));
     }
     let e = &model.entries;
     // (database, tag) pairs.
-    let tags: BTreeSet<(u8, &Vec<u8>)> = e
-        .iter()
-        .flat_map(|(k, x)| x.tags.iter().map(move |t| (k[0], t)))
-        .collect();
+    let tags: BTreeSet<(u8, &Vec<u8>)> = e.iter().flat_map(|(k, x)| x.tags.iter().map(move |t| (k[0], t))).collect();
     let gauges = [
         ("entries", e.len() as i64),
-        (
-            "compressed_entries",
-            e.values().filter(|x| x.lz4).count() as i64,
-        ),
-        (
-            "bytes_original",
-            e.values().map(|x| x.value.len() as i64).sum(),
-        ),
-        (
-            "bytes_stored",
-            e.values().map(|x| x.stored.len() as i64).sum(),
-        ),
+        ("compressed_entries", e.values().filter(|x| x.lz4).count() as i64),
+        ("bytes_original", e.values().map(|x| x.value.len() as i64).sum()),
+        ("bytes_stored", e.values().map(|x| x.stored.len() as i64).sum()),
         ("tags", tags.len() as i64),
-        (
-            "tag_index_entries",
-            e.values().map(|x| x.tags.len() as i64).sum(),
-        ),
+        ("tag_index_entries", e.values().map(|x| x.tags.len() as i64).sum()),
         ("reclaim_pending", 0),
         ("leases", model.leases.len() as i64),
         ("lease_waiters", 0),
@@ -1692,10 +1466,7 @@ fn run_case(c: &mut Conn, ops: &[Op]) -> Result<(), String> {
 }
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(DEFAULT_CASES)
+    std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_CASES)
 }
 
 fn run_model(server: &Server, proto: Proto) {
@@ -1703,15 +1474,9 @@ fn run_model(server: &Server, proto: Proto) {
     assert_eq!(STATS_FIELDS.len(), c.stats().0.len());
     // The runner wants a Fn: the connection is borrowed mutably inside each case.
     let c = std::cell::RefCell::new(c);
-    let config = Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    };
+    let config = Config { cases: cases(), failure_persistence: None, ..Config::default() };
     let mut runner = TestRunner::new(config);
-    let result = runner.run(&sequence_strategy(), |ops| {
-        run_case(&mut c.borrow_mut(), &ops).map_err(TestCaseError::fail)
-    });
+    let result = runner.run(&sequence_strategy(), |ops| run_case(&mut c.borrow_mut(), &ops).map_err(TestCaseError::fail));
     match result {
         Ok(()) => {}
         Err(TestError::Fail(why, ops)) => {

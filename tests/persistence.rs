@@ -470,22 +470,8 @@ fn rdb_len(out: &mut Vec<u8>, v: u64) {
 }
 
 /// The fields of a tiercache entry in encoding version 2 (see core/src/persist.rs).
-fn entry_fields(
-    encoding: u64,
-    fresh_until: i64,
-    created: i64,
-    size: u64,
-    data: &[u8],
-    tags: &[Vec<u8>],
-) -> Vec<F> {
-    let mut f = vec![
-        F::U(encoding),
-        F::S(fresh_until),
-        F::S(created),
-        F::U(size),
-        F::B(data.to_vec()),
-        F::U(tags.len() as u64),
-    ];
+fn entry_fields(encoding: u64, fresh_until: i64, created: i64, size: u64, data: &[u8], tags: &[Vec<u8>]) -> Vec<F> {
+    let mut f = vec![F::U(encoding), F::S(fresh_until), F::S(created), F::U(size), F::B(data.to_vec()), F::U(tags.len() as u64)];
     f.extend(tags.iter().map(|t| F::B(t.clone())));
     f.push(F::U(0));
     f
@@ -548,45 +534,18 @@ fn refused_cases() -> Vec<(&'static str, Vec<F>)> {
     let one = vec![b"t".to_vec()];
     let far = 4_102_444_800_000; // 2100-01-01
     vec![
-        (
-            "65,536 tags",
-            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(65_536)),
-        ),
-        (
-            "1,025 tags (above the hard maximum of tiercache.max-tags)",
-            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1025)),
-        ),
-        (
-            "negative creation time",
-            entry_fields(0, -1, -1, 1, b"v", &one),
-        ),
+        ("65,536 tags", entry_fields(0, -1, 1, 1, b"v", &distinct_tags(65_536))),
+        ("1,025 tags (above the hard maximum of tiercache.max-tags)", entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1025))),
+        ("negative creation time", entry_fields(0, -1, -1, 1, b"v", &one)),
         ("fresh deadline 0", entry_fields(0, 0, 1, 1, b"v", &one)),
         ("fresh deadline -2", entry_fields(0, -2, 1, 1, b"v", &one)),
         ("unknown encoding", entry_fields(7, far, 1, 1, b"v", &one)),
-        (
-            "lz4 body that does not decode",
-            entry_fields(1, far, 1, value.len() as u64, &corrupt_body, &one),
-        ),
-        (
-            "lz4 header announcing 600 MiB",
-            entry_fields(1, far, 1, 600 << 20, &corrupt_header, &one),
-        ),
-        (
-            "lz4 header announcing 512 MiB over 2 MiB of garbage",
-            entry_fields(1, far, 1, 512 << 20, &bomb_header, &one),
-        ),
-        (
-            "declared size longer than the lz4 frame's",
-            entry_fields(1, far, 1, value.len() as u64 + 1, &frame, &one),
-        ),
-        (
-            "declared size longer than the raw bytes",
-            entry_fields(0, far, 1, 2, b"v", &one),
-        ),
-        (
-            "empty tag",
-            entry_fields(0, far, 1, 1, b"v", &[b"t".to_vec(), Vec::new()]),
-        ),
+        ("lz4 body that does not decode", entry_fields(1, far, 1, value.len() as u64, &corrupt_body, &one)),
+        ("lz4 header announcing 600 MiB", entry_fields(1, far, 1, 600 << 20, &corrupt_header, &one)),
+        ("lz4 header announcing 512 MiB over 2 MiB of garbage", entry_fields(1, far, 1, 512 << 20, &bomb_header, &one)),
+        ("declared size longer than the lz4 frame's", entry_fields(1, far, 1, value.len() as u64 + 1, &frame, &one)),
+        ("declared size longer than the raw bytes", entry_fields(0, far, 1, 2, b"v", &one)),
+        ("empty tag", entry_fields(0, far, 1, 1, b"v", &[b"t".to_vec(), Vec::new()])),
     ]
 }
 
@@ -607,36 +566,16 @@ fn crafted_restore_payloads_outside_set_limits_are_refused(p: Proto) {
         let r = c.try_run(&cmd!("RESTORE", "bad", 0, &payload));
         eprintln!("RESTORE {what}: {:.3} s", t.elapsed().as_secs_f64());
         assert_eq!(r, Err(BAD_FORMAT.to_string()), "{what}");
-        assert_eq!(
-            c.string(&cmd!("PING")).as_deref(),
-            Some("PONG"),
-            "{what}: server down"
-        );
+        assert_eq!(c.string(&cmd!("PING")).as_deref(), Some("PONG"), "{what}: server down");
         assert!(!c.exists("bad"), "{what}: key created");
         // A lease read finds nothing to serve: it is asked to fill (before, a corrupt lz4 entry answered
         // HIT with a nil value).
         let v = c.run(&cmd!("TIERCACHE.GET", "bad", "LEASE", 1000));
-        assert_eq!(
-            as_string(&as_list(&v).unwrap()[0]).as_deref(),
-            Some("FILL"),
-            "{what}"
-        );
-        c.int(&cmd!(
-            "TIERCACHE.RELEASE",
-            "bad",
-            as_string(&as_list(&v).unwrap()[2]).unwrap()
-        ));
+        assert_eq!(as_string(&as_list(&v).unwrap()[0]).as_deref(), Some("FILL"), "{what}");
+        c.int(&cmd!("TIERCACHE.RELEASE", "bad", as_string(&as_list(&v).unwrap()[2]).unwrap()));
     }
     // The same crafting with sane fields is accepted (the refusals above are about the fields).
-    c.ok(&cmd!(
-        "RESTORE",
-        "good",
-        0,
-        craft(
-            &dump,
-            &entry_fields(1, far, 1, value.len() as u64, &frame, &one)
-        )
-    ));
+    c.ok(&cmd!("RESTORE", "good", 0, craft(&dump, &entry_fields(1, far, 1, value.len() as u64, &frame, &one))));
     assert_eq!(c.get("good"), Some(value));
     assert_eq!(c.stats().get("entries"), 2);
 }
@@ -679,9 +618,7 @@ fn corrupt_rdb_entry_fails_the_load_cleanly() {
 /// commands, then their replay) brings back identically: no entry may vanish because the replayed
 /// SET is stricter than the load.
 fn restore_accepted_entries_survive_aof_without_preamble(p: Proto) {
-    let mut s = Server::builder()
-        .args(&["--appendonly", "yes", "--aof-use-rdb-preamble", "no"])
-        .start();
+    let mut s = Server::builder().args(&["--appendonly", "yes", "--aof-use-rdb-preamble", "no"]).start();
     s.wait_no_background_job();
     let mut c = s.conn_proto(p);
     let dump = template(&mut c);
@@ -691,80 +628,32 @@ fn restore_accepted_entries_survive_aof_without_preamble(p: Proto) {
     let mut repeated = distinct_tags(1000);
     repeated.extend(distinct_tags(24));
     let cases: Vec<(&str, Vec<F>)> = vec![
-        (
-            "1,024 tags",
-            entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1024)),
-        ),
-        (
-            "1,024 tags, 1,000 distinct",
-            entry_fields(0, -1, 1, 1, b"v", &repeated),
-        ),
-        (
-            "created 0",
-            entry_fields(0, -1, 0, 1, b"v", &[b"t".to_vec()]),
-        ),
-        (
-            "fresh deadline 1 (long stale)",
-            entry_fields(0, 1, 5, 1, b"v", &[]),
-        ),
-        (
-            "fresh deadline far away",
-            entry_fields(0, i64::MAX, 5, 1, b"v", &[]),
-        ),
-        (
-            "lz4 frame",
-            entry_fields(
-                1,
-                4_102_444_800_000,
-                7,
-                value.len() as u64,
-                &frame,
-                &[b"a".to_vec(), b"\0b".to_vec()],
-            ),
-        ),
-        (
-            "empty lz4 frame",
-            entry_fields(1, -1, 7, 0, &lz4_frame(b""), &[]),
-        ),
-        (
-            "empty raw value",
-            entry_fields(0, -1, 7, 0, b"", &[b"e".to_vec()]),
-        ),
+        ("1,024 tags", entry_fields(0, -1, 1, 1, b"v", &distinct_tags(1024))),
+        ("1,024 tags, 1,000 distinct", entry_fields(0, -1, 1, 1, b"v", &repeated)),
+        ("created 0", entry_fields(0, -1, 0, 1, b"v", &[b"t".to_vec()])),
+        ("fresh deadline 1 (long stale)", entry_fields(0, 1, 5, 1, b"v", &[])),
+        ("fresh deadline far away", entry_fields(0, i64::MAX, 5, 1, b"v", &[])),
+        ("lz4 frame", entry_fields(1, 4_102_444_800_000, 7, value.len() as u64, &frame, &[b"a".to_vec(), b"\0b".to_vec()])),
+        ("empty lz4 frame", entry_fields(1, -1, 7, 0, &lz4_frame(b""), &[])),
+        ("empty raw value", entry_fields(0, -1, 7, 0, b"", &[b"e".to_vec()])),
     ];
     let mut before = Vec::new();
     for (i, (what, fields)) in cases.iter().enumerate() {
         let key = format!("k{i}");
         c.ok(&cmd!("RESTORE", &key, 0, craft(&dump, fields)));
-        let meta = c
-            .meta(&key)
-            .unwrap_or_else(|| panic!("{what}: no META"))
-            .stable();
+        let meta = c.meta(&key).unwrap_or_else(|| panic!("{what}: no META")).stable();
         before.push((what.to_string(), key.clone(), meta, c.get_encoded(&key)));
     }
     // Whatever else RESTORE accepts must survive too (the 65,536-tag payload is left out: before the
     // load was fixed, its RESTORE alone outlasted the client's timeout).
     let mut accepted = 0;
-    for (i, (what, fields)) in refused_cases()
-        .into_iter()
-        .enumerate()
-        .filter(|(_, (w, _))| !w.starts_with("65,536"))
-    {
+    for (i, (what, fields)) in refused_cases().into_iter().enumerate().filter(|(_, (w, _))| !w.starts_with("65,536")) {
         let key = format!("crafted{i}");
-        if c.try_run(&cmd!("RESTORE", &key, 0, craft(&dump, &fields)))
-            .is_ok()
-        {
+        if c.try_run(&cmd!("RESTORE", &key, 0, craft(&dump, &fields))).is_ok() {
             accepted += 1;
             let meta = c.meta(&key).map(|m| m.stable());
-            let encoded = c
-                .try_run(&cmd!("TIERCACHE.GET", &key, "ENCODED"))
-                .ok()
-                .and_then(|_| c.get_encoded(&key));
-            before.push((
-                format!("crafted: {what}"),
-                key,
-                meta.unwrap_or_else(|| panic!("{what}: no META")),
-                encoded,
-            ));
+            let encoded = c.try_run(&cmd!("TIERCACHE.GET", &key, "ENCODED")).ok().and_then(|_| c.get_encoded(&key));
+            before.push((format!("crafted: {what}"), key, meta.unwrap_or_else(|| panic!("{what}: no META")), encoded));
         }
     }
     c.run(&cmd!("BGREWRITEAOF"));
@@ -774,9 +663,7 @@ fn restore_accepted_entries_survive_aof_without_preamble(p: Proto) {
     s.restart();
     let mut c = s.conn_proto(p);
     for (what, key, meta, encoded) in &before {
-        let back = c
-            .meta(key)
-            .unwrap_or_else(|| panic!("{what}: {key} vanished on the AOF restart"));
+        let back = c.meta(key).unwrap_or_else(|| panic!("{what}: {key} vanished on the AOF restart"));
         assert_eq!(&back.stable(), meta, "{what}");
         assert_eq!(&c.get_encoded(key), encoded, "{what}");
     }

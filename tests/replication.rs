@@ -167,7 +167,14 @@ fn stale_state_on_replica(p: Proto) {
     m.set("k", "v", &["PX", "300", "STALE", "5"]);
     wait_replicated(&mut m);
     let got = r.get("k");
-    assert_eq!(got.as_deref(), Some(&b"v"[..]), "fresh on the replica right after WAIT: replica META {:?}, master META {:?}, now {}", r.meta("k"), m.meta("k"), now_ms());
+    assert_eq!(
+        got.as_deref(),
+        Some(&b"v"[..]),
+        "fresh on the replica right after WAIT: replica META {:?}, master META {:?}, now {}",
+        r.meta("k"),
+        m.meta("k"),
+        now_ms()
+    );
     assert_eq!(r.meta("k").unwrap().state, "fresh");
     sleep(ms(400));
     assert_eq!(r.get("k"), None, "stale on the replica too");

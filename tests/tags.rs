@@ -129,9 +129,7 @@ fn meta_tags(v: &Value, proto: Proto) -> Option<Vec<B>> {
 /// Databases listed in INFO keyspace.
 fn nonempty_dbs(c: &mut Conn) -> Vec<i64> {
     let info = c.info("keyspace");
-    info.lines()
-        .filter_map(|l| l.strip_prefix("db").and_then(|r| r.split_once(':')).and_then(|(n, _)| n.parse().ok()))
-        .collect()
+    info.lines().filter_map(|l| l.strip_prefix("db").and_then(|r| r.split_once(':')).and_then(|(n, _)| n.parse().ok())).collect()
 }
 
 /// Every key of the selected db (SCAN; also expires logically expired keys on a master).
@@ -176,7 +174,10 @@ fn assert_index_exact_with(c: &mut Conn, zero: &[&[u8]]) -> IndexView {
         let tags_of_db = view.entry(db).or_default();
         for (k, m) in tc.iter().zip(&metas) {
             let tags = meta_tags(m, c.proto).unwrap_or_else(|| {
-                panic!("db {db} key {:?}: TYPE tiercache but META nil with reclaim_pending 0 (invalidated, not reclaimed?)", show(k))
+                panic!(
+                    "db {db} key {:?}: TYPE tiercache but META nil with reclaim_pending 0 (invalidated, not reclaimed?)",
+                    show(k)
+                )
             });
             entries += 1;
             for t in tags {
@@ -195,8 +196,18 @@ fn assert_index_exact_with(c: &mut Conn, zero: &[&[u8]]) -> IndexView {
     let want_idx: i64 = view.values().flat_map(|m| m.values()).map(|s| s.len() as i64).sum();
     assert_eq!(st.get("reclaim_pending"), 0, "reclaim_pending: {st:?}");
     assert_eq!(st.get("entries"), entries, "STATS entries vs tiercache keys in the keyspace: {st:?}");
-    assert_eq!(st.get("tag_index_entries"), want_idx, "STATS tag_index_entries vs keyspace: {st:?}\nkeyspace view: {}", fmt_view(&view));
-    assert_eq!(st.get("tags"), want_tags, "STATS tags vs distinct (db, tag) in the keyspace: {st:?}\nkeyspace view: {}", fmt_view(&view));
+    assert_eq!(
+        st.get("tag_index_entries"),
+        want_idx,
+        "STATS tag_index_entries vs keyspace: {st:?}\nkeyspace view: {}",
+        fmt_view(&view)
+    );
+    assert_eq!(
+        st.get("tags"),
+        want_tags,
+        "STATS tags vs distinct (db, tag) in the keyspace: {st:?}\nkeyspace view: {}",
+        fmt_view(&view)
+    );
     for (&db, tags) in &view {
         c.select(db);
         let names: Vec<&B> = tags.keys().collect();
@@ -558,11 +569,7 @@ fn reclaim_deletes_invalidated_keys() {
     }
     tset(&mut c, "keep", "v", &["k"], &[]);
     assert_eq!(invalidate(&mut c, &["t"]), 50);
-    assert!(
-        wait_until(Duration::from_secs(10), || dbsize(&mut c) == 11),
-        "dbsize {} after reclaim, want 11",
-        dbsize(&mut c)
-    );
+    assert!(wait_until(Duration::from_secs(10), || dbsize(&mut c) == 11), "dbsize {} after reclaim, want 11", dbsize(&mut c));
     for i in 0..50 {
         assert!(!c.exists(format!("t:{i}")));
     }
@@ -645,8 +652,7 @@ fn overwrite_during_slow_reclaim_is_kept() {
     let cmds: Vec<redis::Cmd> = (0..n).map(|i| set_cmd(format!("k:{i}").as_bytes(), b"old", &[b"t"], &[])).collect();
     c.pipeline_ok(&cmds);
     assert_eq!(invalidate(&mut c, &["t"]), n);
-    let over: Vec<redis::Cmd> =
-        (0..n).step_by(4).map(|i| set_cmd(format!("k:{i}").as_bytes(), b"new", &[b"t"], &[])).collect();
+    let over: Vec<redis::Cmd> = (0..n).step_by(4).map(|i| set_cmd(format!("k:{i}").as_bytes(), b"new", &[b"t"], &[])).collect();
     c.pipeline_ok(&over);
     assert!(c.stats().get("reclaim_pending") > 0, "the reclaim already finished: the test proves nothing");
     c.ok(&cmd!("CONFIG", "SET", "tiercache.reclaim-budget", "1000"));
@@ -938,14 +944,8 @@ fn index_flushdb() {
     tset(&mut c, "a", "third", &["t"], &[]);
     c.select(0);
     // FLUSHDB racing a pending reclaim: a key written after the flush is kept.
-    let r = multi(
-        &mut c,
-        &[
-            cmd!("TIERCACHE.INVALIDATE", "t"),
-            cmd!("FLUSHDB"),
-            cmd!("TIERCACHE.SET", "a", "after", "TAGS", 1, "t"),
-        ],
-    );
+    let r =
+        multi(&mut c, &[cmd!("TIERCACHE.INVALIDATE", "t"), cmd!("FLUSHDB"), cmd!("TIERCACHE.SET", "a", "after", "TAGS", 1, "t")]);
     assert_eq!(r[0], Value::Int(2));
     wait_reclaimed(&mut c, Duration::from_secs(10));
     sleep(ms(20));
@@ -1250,7 +1250,12 @@ fn check_after_reload(c: &mut Conn) {
     let gets: Vec<redis::Cmd> = (0..BIG).map(|i| cmd!("TIERCACHE.GET", format!("t:{i}"))).collect();
     let replies = c.pipeline_ok(&gets);
     let live: Vec<usize> = (0..BIG).filter(|i| replies[*i] != Value::Nil).collect();
-    assert!(live.is_empty(), "{} invalidated entries answer GET after the reload, e.g. t:{:?}", live.len(), &live[..live.len().min(5)]);
+    assert!(
+        live.is_empty(),
+        "{} invalidated entries answer GET after the reload, e.g. t:{:?}",
+        live.len(),
+        &live[..live.len().min(5)]
+    );
     let metas = c.pipeline_ok(&(0..BIG).step_by(97).map(|i| cmd!("TIERCACHE.META", format!("t:{i}"))).collect::<Vec<_>>());
     assert!(metas.iter().all(|v| *v == Value::Nil), "META of an invalidated entry after the reload");
     for i in 0..U_ONLY {

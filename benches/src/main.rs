@@ -86,7 +86,15 @@ fn stampede_one(c: &mut redis::Connection, mode: &str, key: &str, load_ms: u64) 
                     };
                     let v = load(c, key, load_ms);
                     trips += 1;
-                    let _: () = redis::cmd("TIERCACHE.SET").arg(key).arg(v).arg("EX").arg(60).arg("LEASE").arg(token).query(c).expect("fill");
+                    let _: () = redis::cmd("TIERCACHE.SET")
+                        .arg(key)
+                        .arg(v)
+                        .arg("EX")
+                        .arg(60)
+                        .arg("LEASE")
+                        .arg(token)
+                        .query(c)
+                        .expect("fill");
                     break;
                 }
                 _ => {} // BUSY at the WAIT deadline: ask again
@@ -214,7 +222,12 @@ fn main() {
                 .collect();
             let trips: Vec<u64> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
             let mean = trips.iter().sum::<u64>() as f64 / trips.len().max(1) as f64;
-            println!("callers={} round_trips_mean={:.2} round_trips_max={}", trips.len(), mean, trips.iter().max().copied().unwrap_or(0));
+            println!(
+                "callers={} round_trips_mean={:.2} round_trips_max={}",
+                trips.len(),
+                mean,
+                trips.iter().max().copied().unwrap_or(0)
+            );
         }
         _ => {
             eprintln!("usage: tiercache-bench probe PORT MILLIS [STOPFILE] | time PORT REPEAT CMD [ARG...] | fill PORT N PREFIX TAG... | wait-reclaim PORT | stampede PORT none|lock|lease N KEY LOAD_MS");

@@ -42,23 +42,18 @@ async fn edge_tags(State(st): State<AppState>, req: Request, next: Next) -> Resp
     let Some(EdgeTags(tags)) = resp.extensions_mut().remove::<EdgeTags>() else {
         return resp;
     };
-    let all = tags
-        .iter()
-        .map(String::as_bytes)
-        .chain(std::iter::once(st.namespace_key.as_bytes()));
+    let all = tags.iter().map(String::as_bytes).chain(std::iter::once(st.namespace_key.as_bytes()));
     let header = edge::header_value(st.cdn, all)
         .map_err(|e| e.to_string())
         .and_then(|v| HeaderValue::from_str(&v).map_err(|e| e.to_string()));
     match header {
         Ok(v) => {
-            resp.headers_mut()
-                .insert(HeaderName::from_static(header_key(st.cdn)), v);
+            resp.headers_mut().insert(HeaderName::from_static(header_key(st.cdn)), v);
         }
         Err(e) => {
             // Untagged at the edge would mean never purged: do not let the edge keep it.
             eprintln!("edge tags dropped, response made uncacheable: {e}");
-            resp.headers_mut()
-                .insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+            resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
         }
     }
     resp
@@ -76,28 +71,16 @@ fn header_key(cdn: Cdn) -> &'static str {
 /// A page built from one cached value: its tags go to the edge as they went to Redis.
 async fn user(State(st): State<AppState>, Path(id): Path<u64>) -> Response {
     let tags = vec![format!("user:{id}"), "team:7".to_string()];
-    let opts = tags
-        .iter()
-        .fold(Opts::default().ttl(Duration::from_secs(300)), |o, t| {
-            o.tag(t.clone())
-        });
+    let opts = tags.iter().fold(Opts::default().ttl(Duration::from_secs(300)), |o, t| o.tag(t.clone()));
     let loaded = st
         .cache
         .get_or_load(&format!("user:{id}"), &opts, move || async move {
             // The database query would go here.
-            Ok::<_, std::io::Error>(format!(
-                "user {id}, loaded at {:?}",
-                std::time::SystemTime::now()
-            ))
+            Ok::<_, std::io::Error>(format!("user {id}, loaded at {:?}", std::time::SystemTime::now()))
         })
         .await;
     match loaded {
-        Ok(body) => (
-            [(CACHE_CONTROL, "public, s-maxage=3600")],
-            Extension(EdgeTags(tags)),
-            body,
-        )
-            .into_response(),
+        Ok(body) => ([(CACHE_CONTROL, "public, s-maxage=3600")], Extension(EdgeTags(tags)), body).into_response(),
         Err(e) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
@@ -112,24 +95,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         _ => Cdn::Varnish,
     };
     let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
-    let cache = TierCache::builder(redis)
-        .namespace("example")
-        .build()
-        .await?;
-    let st = AppState {
-        cache,
-        cdn,
-        namespace_key: "ns:example:v1".into(),
-    };
-    let app = Router::new()
-        .route("/users/{id}", get(user))
-        .layer(middleware::from_fn_with_state(st.clone(), edge_tags))
-        .with_state(st);
+    let cache = TierCache::builder(redis).namespace("example").build().await?;
+    let st = AppState { cache, cdn, namespace_key: "ns:example:v1".into() };
+    let app =
+        Router::new().route("/users/{id}", get(user)).layer(middleware::from_fn_with_state(st.clone(), edge_tags)).with_state(st);
     let listener = tokio::net::TcpListener::bind(&listen).await?;
-    eprintln!(
-        "listening on http://{listen} ({} header)",
-        cdn.header_name()
-    );
+    eprintln!("listening on http://{listen} ({} header)", cdn.header_name());
     axum::serve(listener, app).await?;
     Ok(())
 }

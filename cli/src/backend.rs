@@ -13,19 +13,10 @@ pub enum Backend {
     Varnish { urls: Vec<String> },
     /// `POST {api}/service/{service_id}/purge` with `Surrogate-Key: k1 k2` and `Fastly-Key: token`;
     /// `POST {api}/service/{service_id}/purge_all` for a full purge without a namespace key.
-    Fastly {
-        api: String,
-        service_id: String,
-        token: String,
-        soft: bool,
-    },
+    Fastly { api: String, service_id: String, token: String, soft: bool },
     /// `POST {api}/zones/{zone_id}/purge_cache` with `{"tags": [...]}` (or `{"purge_everything": true}`)
     /// and `Authorization: Bearer token`. `api` includes `/client/v4`.
-    Cloudflare {
-        api: String,
-        zone_id: String,
-        token: String,
-    },
+    Cloudflare { api: String, zone_id: String, token: String },
 }
 
 /// A purge that did not go through (the purger retries it).
@@ -66,19 +57,12 @@ impl Backend {
         match self {
             Backend::Varnish { urls } => {
                 for url in urls {
-                    let req = http
-                        .request(purge_method(), url.as_str())
-                        .header("xkey-purge", keys.join(" "));
+                    let req = http.request(purge_method(), url.as_str()).header("xkey-purge", keys.join(" "));
                     check(url, req.send().await).await?;
                 }
                 Ok(())
             }
-            Backend::Fastly {
-                api,
-                service_id,
-                token,
-                soft,
-            } => {
+            Backend::Fastly { api, service_id, token, soft } => {
                 let url = format!("{}/service/{}/purge", api.trim_end_matches('/'), service_id);
                 let mut req = http
                     .post(&url)
@@ -90,75 +74,35 @@ impl Backend {
                 }
                 check(&url, req.send().await).await.map(drop)
             }
-            Backend::Cloudflare {
-                api,
-                zone_id,
-                token,
-            } => {
-                let url = format!(
-                    "{}/zones/{}/purge_cache",
-                    api.trim_end_matches('/'),
-                    zone_id
-                );
-                let req = http
-                    .post(&url)
-                    .bearer_auth(token)
-                    .json(&serde_json::json!({ "tags": keys }));
+            Backend::Cloudflare { api, zone_id, token } => {
+                let url = format!("{}/zones/{}/purge_cache", api.trim_end_matches('/'), zone_id);
+                let req = http.post(&url).bearer_auth(token).json(&serde_json::json!({ "tags": keys }));
                 cloudflare_check(&url, req.send().await).await
             }
         }
     }
 
     /// Purges the whole namespace: `namespace_key` when given, else everything the backend caches.
-    pub async fn purge_all(
-        &self,
-        http: &reqwest::Client,
-        namespace_key: Option<&str>,
-    ) -> Result<(), PurgeError> {
+    pub async fn purge_all(&self, http: &reqwest::Client, namespace_key: Option<&str>) -> Result<(), PurgeError> {
         if let Some(k) = namespace_key {
             return self.purge(http, &[k.to_string()]).await;
         }
         match self {
             Backend::Varnish { urls } => {
                 for url in urls {
-                    let req = http
-                        .request(purge_method(), url.as_str())
-                        .header("xkey-purge-all", "1");
+                    let req = http.request(purge_method(), url.as_str()).header("xkey-purge-all", "1");
                     check(url, req.send().await).await?;
                 }
                 Ok(())
             }
-            Backend::Fastly {
-                api,
-                service_id,
-                token,
-                ..
-            } => {
-                let url = format!(
-                    "{}/service/{}/purge_all",
-                    api.trim_end_matches('/'),
-                    service_id
-                );
-                let req = http
-                    .post(&url)
-                    .header("Fastly-Key", token.as_str())
-                    .header("Accept", "application/json");
+            Backend::Fastly { api, service_id, token, .. } => {
+                let url = format!("{}/service/{}/purge_all", api.trim_end_matches('/'), service_id);
+                let req = http.post(&url).header("Fastly-Key", token.as_str()).header("Accept", "application/json");
                 check(&url, req.send().await).await.map(drop)
             }
-            Backend::Cloudflare {
-                api,
-                zone_id,
-                token,
-            } => {
-                let url = format!(
-                    "{}/zones/{}/purge_cache",
-                    api.trim_end_matches('/'),
-                    zone_id
-                );
-                let req = http
-                    .post(&url)
-                    .bearer_auth(token)
-                    .json(&serde_json::json!({ "purge_everything": true }));
+            Backend::Cloudflare { api, zone_id, token } => {
+                let url = format!("{}/zones/{}/purge_cache", api.trim_end_matches('/'), zone_id);
+                let req = http.post(&url).bearer_auth(token).json(&serde_json::json!({ "purge_everything": true }));
                 cloudflare_check(&url, req.send().await).await
             }
         }
@@ -170,36 +114,24 @@ fn purge_method() -> reqwest::Method {
     reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::GET)
 }
 
-async fn check(
-    url: &str,
-    r: Result<reqwest::Response, reqwest::Error>,
-) -> Result<String, PurgeError> {
+async fn check(url: &str, r: Result<reqwest::Response, reqwest::Error>) -> Result<String, PurgeError> {
     let resp = r.map_err(|e| PurgeError(format!("{url}: {e}")))?;
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     if !status.is_success() {
-        return Err(PurgeError(format!(
-            "{url}: HTTP {status}: {}",
-            snippet(&body)
-        )));
+        return Err(PurgeError(format!("{url}: HTTP {status}: {}", snippet(&body))));
     }
     Ok(body)
 }
 
-async fn cloudflare_check(
-    url: &str,
-    r: Result<reqwest::Response, reqwest::Error>,
-) -> Result<(), PurgeError> {
+async fn cloudflare_check(url: &str, r: Result<reqwest::Response, reqwest::Error>) -> Result<(), PurgeError> {
     let body = check(url, r).await?;
-    let v: serde_json::Value = serde_json::from_str(&body)
-        .map_err(|e| PurgeError(format!("{url}: not JSON ({e}): {}", snippet(&body))))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).map_err(|e| PurgeError(format!("{url}: not JSON ({e}): {}", snippet(&body))))?;
     if v.get("success").and_then(|s| s.as_bool()) == Some(true) {
         Ok(())
     } else {
-        Err(PurgeError(format!(
-            "{url}: success is not true: {}",
-            snippet(&body)
-        )))
+        Err(PurgeError(format!("{url}: success is not true: {}", snippet(&body))))
     }
 }
 

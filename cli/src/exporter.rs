@@ -31,8 +31,16 @@ pub const FIELDS: &[(&str, Kind, &str)] = &[
     ("tiercache_compressed_entries", Gauge, "Live entries stored as lz4."),
     ("tiercache_bytes_original", Gauge, "Sum of the entries' original value sizes, in bytes."),
     ("tiercache_bytes_stored", Gauge, "Sum of the bytes actually stored (after compression)."),
-    ("tiercache_hits", Counter, "TIERCACHE.GET calls that found a fresh entry (plain reads with a value, lease reads answered HIT)."),
-    ("tiercache_misses", Counter, "TIERCACHE.GET calls that found no fresh entry (plain reads; lease reads answered FILL or BUSY, or parked)."),
+    (
+        "tiercache_hits",
+        Counter,
+        "TIERCACHE.GET calls that found a fresh entry (plain reads with a value, lease reads answered HIT).",
+    ),
+    (
+        "tiercache_misses",
+        Counter,
+        "TIERCACHE.GET calls that found no fresh entry (plain reads; lease reads answered FILL or BUSY, or parked).",
+    ),
     ("tiercache_sets", Counter, "TIERCACHE.SET calls executed, replicated and AOF ones included."),
     ("tiercache_tags", Gauge, "(database, tag) pairs in the tag index."),
     ("tiercache_tag_index_entries", Gauge, "Sum over the indexed tags of the entries under them."),
@@ -59,24 +67,9 @@ pub const FIELDS: &[(&str, Kind, &str)] = &[
 
 /// The Redis fields exported next to the module's: (INFO field, metric name, kind, help).
 pub const REDIS_FIELDS: &[(&str, &str, Kind, &str)] = &[
-    (
-        "used_memory",
-        "tiercache_redis_used_memory_bytes",
-        Gauge,
-        "Redis used_memory: bytes allocated by Redis.",
-    ),
-    (
-        "maxmemory",
-        "tiercache_redis_maxmemory_bytes",
-        Gauge,
-        "Redis maxmemory (0: no limit).",
-    ),
-    (
-        "evicted_keys",
-        "tiercache_redis_evicted_keys",
-        Counter,
-        "Redis evicted_keys: keys evicted because of maxmemory.",
-    ),
+    ("used_memory", "tiercache_redis_used_memory_bytes", Gauge, "Redis used_memory: bytes allocated by Redis."),
+    ("maxmemory", "tiercache_redis_maxmemory_bytes", Gauge, "Redis maxmemory (0: no limit)."),
+    ("evicted_keys", "tiercache_redis_evicted_keys", Counter, "Redis evicted_keys: keys evicted because of maxmemory."),
 ];
 
 /// One node's answer.
@@ -108,14 +101,9 @@ pub fn parse_info(text: &str) -> Vec<(String, i64)> {
 /// The `node` label of a Redis URL: host:port (or the socket path), never the credentials.
 pub fn node_label(url: &str) -> Result<String, String> {
     use redis::IntoConnectionInfo;
-    let info = url
-        .into_connection_info()
-        .map_err(|e| format!("invalid Redis URL (not shown: it may hold a password): {e}"))?;
+    let info = url.into_connection_info().map_err(|e| format!("invalid Redis URL (not shown: it may hold a password): {e}"))?;
     Ok(match info.addr() {
-        redis::ConnectionAddr::Tcp(h, p)
-        | redis::ConnectionAddr::TcpTls {
-            host: h, port: p, ..
-        } => format!("{h}:{p}"),
+        redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => format!("{h}:{p}"),
         redis::ConnectionAddr::Unix(p) => p.display().to_string(),
         other => format!("{other}"),
     })
@@ -150,23 +138,10 @@ fn encode_one(
 impl prometheus_client::collector::Collector for Snapshot {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let nodes = &self.0;
-        let up: Vec<(&str, i64)> = nodes
-            .iter()
-            .map(|n| (n.node.as_str(), i64::from(n.up)))
-            .collect();
-        encode_one(
-            &mut enc,
-            "tiercache_up",
-            "1 if the node answered INFO at this scrape.",
-            MetricType::Gauge,
-            &up,
-        )?;
-        let per_node = |field: &str| -> Vec<(&str, i64)> {
-            nodes
-                .iter()
-                .filter_map(|n| Some((n.node.as_str(), n.get(field)?)))
-                .collect()
-        };
+        let up: Vec<(&str, i64)> = nodes.iter().map(|n| (n.node.as_str(), i64::from(n.up))).collect();
+        encode_one(&mut enc, "tiercache_up", "1 if the node answered INFO at this scrape.", MetricType::Gauge, &up)?;
+        let per_node =
+            |field: &str| -> Vec<(&str, i64)> { nodes.iter().filter_map(|n| Some((n.node.as_str(), n.get(field)?))).collect() };
         let ty = |k: Kind| {
             if k == Counter {
                 MetricType::Counter
@@ -233,20 +208,11 @@ impl Node {
                 Some(c) => c,
                 None => guard.insert(self.client.get_multiplexed_async_connection().await?),
             };
-            redis::cmd("INFO")
-                .arg("tiercache")
-                .arg("memory")
-                .arg("stats")
-                .query_async::<String>(conn)
-                .await
+            redis::cmd("INFO").arg("tiercache").arg("memory").arg("stats").query_async::<String>(conn).await
         })
         .await;
         match result {
-            Ok(Ok(text)) => NodeInfo {
-                node: self.label.clone(),
-                up: true,
-                fields: parse_info(&text),
-            },
+            Ok(Ok(text)) => NodeInfo { node: self.label.clone(), up: true, fields: parse_info(&text) },
             other => {
                 let why = match other {
                     Ok(Err(e)) => e.to_string(),
@@ -254,11 +220,7 @@ impl Node {
                 };
                 crate::log(&format!("exporter: {}: {why}", self.label));
                 *guard = None;
-                NodeInfo {
-                    node: self.label.clone(),
-                    up: false,
-                    fields: Vec::new(),
-                }
+                NodeInfo { node: self.label.clone(), up: false, fields: Vec::new() }
             }
         }
     }
@@ -275,11 +237,7 @@ pub async fn scrape_all(nodes: &[Arc<Node>]) -> String {
         .collect();
     let mut infos = Vec::with_capacity(tasks.len());
     for (t, n) in tasks.into_iter().zip(nodes) {
-        infos.push(t.await.unwrap_or_else(|_| NodeInfo {
-            node: n.label.clone(),
-            up: false,
-            fields: Vec::new(),
-        }));
+        infos.push(t.await.unwrap_or_else(|_| NodeInfo { node: n.label.clone(), up: false, fields: Vec::new() }));
     }
     render(infos)
 }
@@ -292,16 +250,8 @@ mod tests {
     fn renders_kinds_help_and_labels() {
         let info = "# tiercache_stats\r\ntiercache_entries:3\r\ntiercache_hits:7\r\ntiercache_new_field:5\r\n\r\n# Memory\r\nused_memory:1000\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\nevicted_keys:2\r\n";
         let nodes = vec![
-            NodeInfo {
-                node: "127.0.0.1:1".into(),
-                up: true,
-                fields: parse_info(info),
-            },
-            NodeInfo {
-                node: "127.0.0.1:2".into(),
-                up: false,
-                fields: vec![],
-            },
+            NodeInfo { node: "127.0.0.1:1".into(), up: true, fields: parse_info(info) },
+            NodeInfo { node: "127.0.0.1:2".into(), up: false, fields: vec![] },
         ];
         let text = render(nodes);
         for want in [
@@ -328,10 +278,7 @@ mod tests {
 
     #[test]
     fn node_labels_hide_credentials() {
-        assert_eq!(
-            node_label("redis://user:secret@10.0.0.1:6380/2").unwrap(),
-            "10.0.0.1:6380"
-        );
+        assert_eq!(node_label("redis://user:secret@10.0.0.1:6380/2").unwrap(), "10.0.0.1:6380");
         assert_eq!(node_label("redis://127.0.0.1/").unwrap(), "127.0.0.1:6379");
         assert!(node_label("nope://x").is_err());
     }

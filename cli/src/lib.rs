@@ -9,9 +9,7 @@ pub mod serve;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// One log line on stderr, with a UTC timestamp in seconds.

@@ -12,11 +12,7 @@ use tiercache_cli::backend::Backend;
 use tiercache_cli::{exporter, log, purge, serve};
 
 #[derive(Parser)]
-#[command(
-    name = "tiercache",
-    version,
-    about = "tiercache tools: edge purger and Prometheus exporter"
-)]
+#[command(name = "tiercache", version, about = "tiercache tools: edge purger and Prometheus exporter")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -40,11 +36,7 @@ enum BackendKind {
 #[derive(Args)]
 struct PurgeArgs {
     /// The Redis server whose invalidation messages to follow.
-    #[arg(
-        long,
-        env = "TIERCACHE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/"
-    )]
+    #[arg(long, env = "TIERCACHE_REDIS_URL", default_value = "redis://127.0.0.1:6379/")]
     redis: String,
     /// The module's tiercache.invalidation-channel.
     #[arg(long, default_value = "tiercache:invalidations")]
@@ -122,8 +114,7 @@ struct ExporterArgs {
 }
 
 fn need(v: Option<String>, flag: &str) -> Result<String, String> {
-    v.filter(|s| !s.is_empty())
-        .ok_or_else(|| format!("--{flag} is required for this backend"))
+    v.filter(|s| !s.is_empty()).ok_or_else(|| format!("--{flag} is required for this backend"))
 }
 
 async fn run_purge(a: PurgeArgs) -> Result<(), String> {
@@ -132,9 +123,7 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
             if a.varnish_urls.is_empty() {
                 return Err("--varnish-url is required for --backend varnish".into());
             }
-            Backend::Varnish {
-                urls: a.varnish_urls,
-            }
+            Backend::Varnish { urls: a.varnish_urls }
         }
         BackendKind::Fastly => Backend::Fastly {
             api: a.fastly_api,
@@ -195,9 +184,7 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
     log(&format!(
         "purge: backend {}, namespace key {}, batch window {:?}, {} requests/s at most",
         backend.name(),
-        cfg.namespace_key
-            .as_deref()
-            .unwrap_or("(none: full purges purge everything)"),
+        cfg.namespace_key.as_deref().unwrap_or("(none: full purges purge everything)"),
         cfg.batch_window,
         cfg.rate
     ));
@@ -206,20 +193,12 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
 
 async fn run_exporter(a: ExporterArgs) -> Result<(), String> {
     let timeout = Duration::from_millis(a.timeout_ms.max(1));
-    let nodes = a
-        .redis
-        .iter()
-        .map(|u| exporter::Node::new(u, timeout).map(Arc::new))
-        .collect::<Result<Vec<_>, _>>()?;
+    let nodes = a.redis.iter().map(|u| exporter::Node::new(u, timeout).map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
     let listener = serve::bind(a.listen).await?;
     log(&format!(
         "exporter: {} node(s): {}; metrics on http://{}/metrics",
         nodes.len(),
-        nodes
-            .iter()
-            .map(|n| n.label.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
+        nodes.iter().map(|n| n.label.as_str()).collect::<Vec<_>>().join(", "),
         a.listen
     ));
     let nodes = Arc::new(nodes);
@@ -232,11 +211,7 @@ async fn run_exporter(a: ExporterArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             log(&format!("cannot start the runtime: {e}"));

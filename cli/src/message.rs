@@ -75,9 +75,7 @@ fn skip_value(r: &mut &[u8], depth: u32) -> Result<(), DecodeError> {
     }
     let marker = decode::read_marker(r).map_err(err("value"))?;
     let (skip, items) = match marker {
-        Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
-            (0, 0)
-        }
+        Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => (0, 0),
         Marker::U8 | Marker::I8 => (1, 0),
         Marker::U16 | Marker::I16 => (2, 0),
         Marker::U32 | Marker::I32 | Marker::F32 => (4, 0),
@@ -105,8 +103,7 @@ fn skip_value(r: &mut &[u8], depth: u32) -> Result<(), DecodeError> {
 pub fn decode(payload: &[u8]) -> Result<Message, DecodeError> {
     let mut r = payload;
     let n = decode::read_map_len(&mut r).map_err(err("map"))?;
-    let (mut v, mut run_id, mut seq, mut db, mut tags, mut reset) =
-        (None, None, None, None, None, false);
+    let (mut v, mut run_id, mut seq, mut db, mut tags, mut reset) = (None, None, None, None, None, false);
     for _ in 0..n {
         let key = read_string(&mut r, "field name")?;
         match key.as_str() {
@@ -175,43 +172,21 @@ mod tests {
 
     #[test]
     fn decodes_what_core_encodes() {
-        let m = decode(&message::invalidation(
-            b"run1",
-            7,
-            3,
-            &[b"user:1", b"\0\xff"],
-        ))
-        .unwrap();
+        let m = decode(&message::invalidation(b"run1", 7, 3, &[b"user:1", b"\0\xff"])).unwrap();
         assert_eq!(
             m,
             Message {
                 run_id: "run1".into(),
                 seq: 7,
-                body: Body::Invalidation {
-                    db: 3,
-                    tags: vec![b"user:1".to_vec(), b"\0\xff".to_vec()]
-                }
+                body: Body::Invalidation { db: 3, tags: vec![b"user:1".to_vec(), b"\0\xff".to_vec()] }
             }
         );
         let r = decode(&message::reset(b"run1", 8)).unwrap();
-        assert_eq!(
-            r,
-            Message {
-                run_id: "run1".into(),
-                seq: 8,
-                body: Body::Reset
-            }
-        );
+        assert_eq!(r, Message { run_id: "run1".into(), seq: 8, body: Body::Reset });
         let long: Vec<u8> = vec![b'x'; 70_000];
         let m = decode(&message::invalidation(b"r", u64::MAX, 0, &[&long])).unwrap();
         assert_eq!(m.seq, u64::MAX);
-        assert_eq!(
-            m.body,
-            Body::Invalidation {
-                db: 0,
-                tags: vec![long]
-            }
-        );
+        assert_eq!(m.body, Body::Invalidation { db: 0, tags: vec![long] });
     }
 
     #[test]
@@ -240,13 +215,7 @@ mod tests {
         write_uint(&mut b, 1).unwrap();
         let m = decode(&b).unwrap();
         assert_eq!(m.seq, 300);
-        assert_eq!(
-            m.body,
-            Body::Invalidation {
-                db: 2,
-                tags: vec![b"as-str".to_vec()]
-            }
-        );
+        assert_eq!(m.body, Body::Invalidation { db: 2, tags: vec![b"as-str".to_vec()] });
     }
 
     #[test]
@@ -274,11 +243,7 @@ mod tests {
 
     #[test]
     fn follower_spots_gaps_and_new_runs() {
-        let msg = |run: &str, seq| Message {
-            run_id: run.into(),
-            seq,
-            body: Body::Reset,
-        };
+        let msg = |run: &str, seq| Message { run_id: run.into(), seq, body: Body::Reset };
         let mut f = Follower::default();
         assert!(f.in_order(&msg("a", 5)));
         assert!(f.in_order(&msg("a", 6)));

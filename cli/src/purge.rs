@@ -89,18 +89,13 @@ impl Metrics {
             requests: Family::default(),
             pending_keys: Gauge::default(),
             subscribed: Gauge::default(),
-            delay: Histogram::new([
-                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-            ]),
+            delay: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             oldest_pending_ms: AtomicI64::new(0),
             last_success_ms: AtomicU64::new(0),
         };
         // Both results exist from the start, so that rates over them are defined at 0.
         for result in ["ok", "error"] {
-            drop(
-                m.requests
-                    .get_or_create(&vec![("result".to_string(), result.to_string())]),
-            );
+            drop(m.requests.get_or_create(&vec![("result".to_string(), result.to_string())]));
         }
         m
     }
@@ -108,46 +103,18 @@ impl Metrics {
     /// Registers everything under `tiercache_purger_`. `lag` is filled at scrape time.
     pub fn register(self: &Arc<Self>, r: &mut Registry, lag: &Gauge<f64, AtomicU64>) {
         let p = r.sub_registry_with_prefix("tiercache_purger");
-        p.register(
-            "messages",
-            "Invalidation and reset messages received.",
-            self.messages.clone(),
-        );
+        p.register("messages", "Invalidation and reset messages received.", self.messages.clone());
         p.register(
             "gaps",
             "Missed-message events (seq gap, new run id, undecodable message, resubscription), each a full purge.",
             self.gaps.clone(),
         );
-        p.register(
-            "resets",
-            "Reset messages received (flush, replica resync), each a full purge.",
-            self.resets.clone(),
-        );
-        p.register(
-            "full_purges",
-            "Full purges of the namespace that succeeded.",
-            self.full_purges.clone(),
-        );
-        p.register(
-            "purged_keys",
-            "Edge keys purged by successful requests.",
-            self.purged_keys.clone(),
-        );
-        p.register(
-            "requests",
-            "Purge requests sent, by result (ok, error).",
-            self.requests.clone(),
-        );
-        p.register(
-            "pending_keys",
-            "Edge keys received and not purged yet.",
-            self.pending_keys.clone(),
-        );
-        p.register(
-            "subscribed",
-            "1 while subscribed to the invalidation channel.",
-            self.subscribed.clone(),
-        );
+        p.register("resets", "Reset messages received (flush, replica resync), each a full purge.", self.resets.clone());
+        p.register("full_purges", "Full purges of the namespace that succeeded.", self.full_purges.clone());
+        p.register("purged_keys", "Edge keys purged by successful requests.", self.purged_keys.clone());
+        p.register("requests", "Purge requests sent, by result (ok, error).", self.requests.clone());
+        p.register("pending_keys", "Edge keys received and not purged yet.", self.pending_keys.clone());
+        p.register("subscribed", "1 while subscribed to the invalidation channel.", self.subscribed.clone());
         p.register(
             "purge_delay_seconds",
             "Time from receiving a message to the edge acknowledging its purge.",
@@ -172,9 +139,7 @@ impl Metrics {
 
     fn request(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
-        self.requests
-            .get_or_create(&vec![("result".to_string(), result.to_string())])
-            .inc();
+        self.requests.get_or_create(&vec![("result".to_string(), result.to_string())]).inc();
     }
 }
 
@@ -189,8 +154,7 @@ enum Event {
 pub async fn run(cfg: Config, backend: Backend, metrics: Arc<Metrics>) -> Result<(), String> {
     // Logs name the server by host:port, never by its URL, which may hold a password.
     let server = crate::exporter::node_label(&cfg.redis_url)?;
-    let client = redis::Client::open(cfg.redis_url.as_str())
-        .map_err(|e| format!("--redis {server}: {e}"))?;
+    let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| format!("--redis {server}: {e}"))?;
     let http = crate::backend::http_client(cfg.request_timeout).map_err(|e| e.to_string())?;
     let (tx, rx) = mpsc::unbounded_channel();
     let sender = tokio::spawn(sender(cfg.clone(), backend, http, rx, metrics.clone()));
@@ -199,13 +163,7 @@ pub async fn run(cfg: Config, backend: Backend, metrics: Arc<Metrics>) -> Result
     sender.await.map_err(|e| format!("sender task: {e}"))
 }
 
-async fn listener(
-    cfg: Config,
-    server: String,
-    client: redis::Client,
-    tx: mpsc::UnboundedSender<Event>,
-    metrics: Arc<Metrics>,
-) {
+async fn listener(cfg: Config, server: String, client: redis::Client, tx: mpsc::UnboundedSender<Event>, metrics: Arc<Metrics>) {
     let mut first = true;
     let mut backoff = cfg.backoff_min;
     let mut follower = Follower::default();
@@ -213,19 +171,14 @@ async fn listener(
         let mut pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
-                crate::log(&format!(
-                    "purge: cannot connect to {server}: {e}; retrying in {backoff:?}"
-                ));
+                crate::log(&format!("purge: cannot connect to {server}: {e}; retrying in {backoff:?}"));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(cfg.backoff_max);
                 continue;
             }
         };
         if let Err(e) = pubsub.subscribe(&cfg.channel).await {
-            crate::log(&format!(
-                "purge: SUBSCRIBE {} failed: {e}; retrying in {backoff:?}",
-                cfg.channel
-            ));
+            crate::log(&format!("purge: SUBSCRIBE {} failed: {e}; retrying in {backoff:?}", cfg.channel));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(cfg.backoff_max);
             continue;
@@ -239,10 +192,7 @@ async fn listener(
             if !first {
                 metrics.gaps.inc();
             }
-            if tx
-                .send(Event::Full(why, Instant::now(), crate::unix_ms()))
-                .is_err()
-            {
+            if tx.send(Event::Full(why, Instant::now(), crate::unix_ms())).is_err() {
                 return;
             }
         }
@@ -285,16 +235,11 @@ async fn listener(
                             Event::Full("reset message", now, now_ms)
                         }
                         _ if !in_order => {
-                            crate::log(&format!(
-                                "purge: missed messages before {} seq {}; full purge",
-                                m.run_id, m.seq
-                            ));
+                            crate::log(&format!("purge: missed messages before {} seq {}; full purge", m.run_id, m.seq));
                             metrics.gaps.inc();
                             Event::Full("missed messages", now, now_ms)
                         }
-                        Body::Invalidation { db, .. } if cfg.db.is_some_and(|want| want != db) => {
-                            continue
-                        }
+                        Body::Invalidation { db, .. } if cfg.db.is_some_and(|want| want != db) => continue,
                         Body::Invalidation { tags, .. } => {
                             let keys = tags.iter().map(|t| edge_key(t).into_owned()).collect();
                             Event::Keys(keys, now, now_ms)
@@ -308,9 +253,7 @@ async fn listener(
         };
         drop((sink, stream));
         metrics.subscribed.set(0);
-        crate::log(&format!(
-            "purge: subscription lost ({why}); reconnecting (then a full purge)"
-        ));
+        crate::log(&format!("purge: subscription lost ({why}); reconnecting (then a full purge)"));
         tokio::time::sleep(backoff).await;
     }
 }
@@ -347,9 +290,7 @@ impl Pending {
                     }
                 }
                 if self.keys.len() > max_pending {
-                    crate::log(&format!(
-                        "purge: more than {max_pending} keys waiting; one full purge instead"
-                    ));
+                    crate::log(&format!("purge: more than {max_pending} keys waiting; one full purge instead"));
                     self.full = Some(("too many pending keys", self.keys[0].1));
                     self.keys.clear();
                     self.set.clear();
@@ -385,11 +326,7 @@ async fn sender(
     mut rx: mpsc::UnboundedReceiver<Event>,
     metrics: Arc<Metrics>,
 ) {
-    let interval = if cfg.rate > 0.0 {
-        Duration::from_secs_f64(1.0 / cfg.rate)
-    } else {
-        Duration::ZERO
-    };
+    let interval = if cfg.rate > 0.0 { Duration::from_secs_f64(1.0 / cfg.rate) } else { Duration::ZERO };
     let (max_keys, max_bytes) = backend.batch_limits();
     let mut pending = Pending::default();
     let mut next_allowed = tokio::time::Instant::now();
@@ -441,10 +378,7 @@ async fn sender(
             }
         } else {
             let n = pending.batch(max_keys, max_bytes);
-            let keys: Vec<String> = pending.keys[..n]
-                .iter()
-                .map(|(k, _, _)| k.clone())
-                .collect();
+            let keys: Vec<String> = pending.keys[..n].iter().map(|(k, _, _)| k.clone()).collect();
             result = backend.purge(&http, &keys).await;
             if result.is_ok() {
                 for (k, at, _) in pending.keys.drain(..n) {
@@ -459,15 +393,10 @@ async fn sender(
         match result {
             Ok(()) => {
                 backoff = cfg.backoff_min;
-                metrics
-                    .last_success_ms
-                    .store(crate::unix_ms() as u64, Relaxed);
+                metrics.last_success_ms.store(crate::unix_ms() as u64, Relaxed);
             }
             Err(e) => {
-                crate::log(&format!(
-                    "purge: {} request failed: {e}; retrying in {backoff:?}",
-                    backend.name()
-                ));
+                crate::log(&format!("purge: {} request failed: {e}; retrying in {backoff:?}", backend.name()));
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(cfg.backoff_max);
             }
@@ -485,30 +414,17 @@ mod tests {
     fn batches_respect_both_limits() {
         let mut p = Pending::default();
         let now = Instant::now();
-        p.add(
-            Event::Keys(
-                vec!["aa".into(), "bb".into(), "aa".into(), "cc".into()],
-                now,
-                1,
-            ),
-            100,
-        );
+        p.add(Event::Keys(vec!["aa".into(), "bb".into(), "aa".into(), "cc".into()], now, 1), 100);
         assert_eq!(p.keys.len(), 3, "repeats merged");
         assert_eq!(p.batch(2, 1000), 2);
         assert_eq!(p.batch(10, 5), 2, "aa bb = 5 bytes");
         assert_eq!(p.batch(10, 4), 1);
         assert_eq!(p.batch(10, 1), 1, "at least one key");
         assert!(p.full.is_none());
-        p.add(
-            Event::Keys((0..200).map(|i| i.to_string()).collect(), now, 2),
-            100,
-        );
+        p.add(Event::Keys((0..200).map(|i| i.to_string()).collect(), now, 2), 100);
         assert_eq!(p.full.map(|f| f.0), Some("too many pending keys"));
         assert_eq!(p.oldest_ms, 1);
-        assert!(
-            p.keys.is_empty() && p.set.is_empty(),
-            "covered by the full purge"
-        );
+        assert!(p.keys.is_empty() && p.set.is_empty(), "covered by the full purge");
         // While a full purge waits, new keys are covered by it.
         p.add(Event::Keys(vec!["x".into()], now, 3), 100);
         assert!(p.keys.is_empty());

@@ -17,9 +17,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 
 /// Binds `addr` (an error if it is taken) and serves `/metrics` until the process ends.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
 }
 
 pub async fn serve(listener: tokio::net::TcpListener, render: Render) -> Result<(), String> {
@@ -32,7 +30,5 @@ pub async fn serve(listener: tokio::net::TcpListener, render: Render) -> Result<
             }),
         )
         .route("/", get(|| async { "tiercache: metrics at /metrics\n" }));
-    axum::serve(listener, app)
-        .await
-        .map_err(|e| format!("metrics server: {e}"))
+    axum::serve(listener, app).await.map_err(|e| format!("metrics server: {e}"))
 }

@@ -17,17 +17,9 @@ use std::time::Duration;
 use harness::{wait_subscribers, Recorder, Seen, TempDir};
 
 async fn wait_requests(rec: &Recorder, n: usize, purger: &mut harness::Proc) -> Vec<Seen> {
-    let ok = harness::wait_until(Duration::from_secs(20), || async {
-        rec.requests().len() >= n
-    })
-    .await;
+    let ok = harness::wait_until(Duration::from_secs(20), || async { rec.requests().len() >= n }).await;
     purger.assert_running();
-    assert!(
-        ok,
-        "expected {n} requests, got {:#?}\npurger log:\n{}",
-        rec.requests(),
-        purger.log_text()
-    );
+    assert!(ok, "expected {n} requests, got {:#?}\npurger log:\n{}", rec.requests(), purger.log_text());
     rec.requests()
 }
 
@@ -36,14 +28,17 @@ async fn fastly_purge_by_surrogate_key() {
     let dir = TempDir::new("edge-fastly");
     let server = common::Server::start();
     let mut conn = server.conn();
-    let rec = Recorder::start(|_, n| {
-        if n == 0 {
-            (503, "try later".into())
-        } else {
-            (200, r#"{"user:1":"108-1391560174-974124"}"#.into())
-        }
-    })
-    .await;
+    let rec =
+        Recorder::start(
+            |_, n| {
+                if n == 0 {
+                    (503, "try later".into())
+                } else {
+                    (200, r#"{"user:1":"108-1391560174-974124"}"#.into())
+                }
+            },
+        )
+        .await;
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let api = rec.url();
     let mut purger = harness::tiercache(
@@ -85,11 +80,7 @@ async fn fastly_purge_by_surrogate_key() {
     let reqs = wait_requests(&rec, 3, &mut purger).await;
     assert_eq!(reqs[2].path, "/service/SU1Z0isxPaozGVKXdv0eY/purge");
     assert_eq!(reqs[2].header("surrogate-key"), Some("ns:site:v1"));
-    assert!(
-        purger.log_text().contains("retrying"),
-        "{}",
-        purger.log_text()
-    );
+    assert!(purger.log_text().contains("retrying"), "{}", purger.log_text());
 
     // A restarted server: messages may have been missed while the purger was away, so resubscribing
     // purges the namespace key.
@@ -142,7 +133,11 @@ async fn cloudflare_purge_by_cache_tag() {
     let rec = Recorder::start(|_, n| {
         if n == 0 {
             // HTTP 200 with success false is a failure too.
-            (200, r#"{"success":false,"errors":[{"code":10000,"message":"Authentication error"}],"messages":[],"result":null}"#.into())
+            (
+                200,
+                r#"{"success":false,"errors":[{"code":10000,"message":"Authentication error"}],"messages":[],"result":null}"#
+                    .into(),
+            )
         } else {
             (200, r#"{"success":true,"errors":[],"messages":[],"result":{"id":"023e105f4ecef8ad9ca31a8372d0c353"}}"#.into())
         }
@@ -186,21 +181,13 @@ async fn cloudflare_purge_by_cache_tag() {
     let mut purged = Vec::new();
     for (i, r) in reqs[..3].iter().enumerate() {
         assert_eq!(r.method, "POST");
-        assert_eq!(
-            r.path,
-            "/client/v4/zones/023e105f4ecef8ad9ca31a8372d0c353/purge_cache"
-        );
+        assert_eq!(r.path, "/client/v4/zones/023e105f4ecef8ad9ca31a8372d0c353/purge_cache");
         assert_eq!(r.header("authorization"), Some("Bearer cf-tok"));
         assert_eq!(r.header("content-type"), Some("application/json"));
         let body: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON body");
         let obj = body.as_object().expect("object");
         assert_eq!(obj.len(), 1, "{body}");
-        let batch: Vec<String> = obj["tags"]
-            .as_array()
-            .expect("tags")
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect();
+        let batch: Vec<String> = obj["tags"].as_array().expect("tags").iter().map(|t| t.as_str().unwrap().to_string()).collect();
         assert!(batch.len() <= 100);
         if i > 0 {
             purged.extend(batch);
@@ -255,11 +242,7 @@ async fn a_frozen_server_is_noticed() {
     tokio::task::spawn_blocking(move || {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
         let mut c = client.get_connection().unwrap();
-        redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(2)
-            .query::<redis::Value>(&mut c)
-            .unwrap();
+        redis::cmd("DEBUG").arg("SLEEP").arg(2).query::<redis::Value>(&mut c).unwrap();
     })
     .await
     .unwrap();

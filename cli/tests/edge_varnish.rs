@@ -17,10 +17,7 @@ const NS: &str = "ns:site:v1";
 
 /// The origin: `/page/{id}` is "page {id} v{version}", tagged `page:{id}` (plus `shared` for pages
 /// 1 and 2) and the namespace key, cacheable for an hour.
-async fn origin(
-    version: Arc<AtomicU64>,
-    fetches: Arc<AtomicU64>,
-) -> (u16, tokio::task::JoinHandle<()>) {
+async fn origin(version: Arc<AtomicU64>, fetches: Arc<AtomicU64>) -> (u16, tokio::task::JoinHandle<()>) {
     use axum::extract::Path;
     let app = axum::Router::new().route(
         "/page/{id}",
@@ -35,10 +32,7 @@ async fn origin(
                 }
                 let xkey = edge::xkey(&tags).expect("short header");
                 (
-                    [
-                        ("xkey", xkey),
-                        ("cache-control", "public, max-age=3600".to_string()),
-                    ],
+                    [("xkey", xkey), ("cache-control", "public, max-age=3600".to_string())],
                     format!("page {id} v{}", version.load(SeqCst)),
                 )
             }
@@ -53,39 +47,19 @@ async fn origin(
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> (String, String) {
-    let r = http
-        .get(url)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let r = http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     assert!(r.status().is_success(), "GET {url}: {}", r.status());
-    let cache = r
-        .headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap_or("").to_string())
-        .unwrap_or_default();
+    let cache = r.headers().get("x-cache").map(|v| v.to_str().unwrap_or("").to_string()).unwrap_or_default();
     assert!(r.headers().get("xkey").is_none(), "the VCL strips xkey");
     (r.text().await.unwrap(), cache)
 }
 
 /// Polls Varnish until `url` serves `want`; returns how long that took.
-async fn until_serves(
-    http: &reqwest::Client,
-    url: &str,
-    want: &str,
-    purger: &mut harness::Proc,
-) -> Duration {
+async fn until_serves(http: &reqwest::Client, url: &str, want: &str, purger: &mut harness::Proc) -> Duration {
     let t0 = Instant::now();
-    let ok = harness::wait_until(Duration::from_secs(20), || async {
-        get(http, url).await.0 == want
-    })
-    .await;
+    let ok = harness::wait_until(Duration::from_secs(20), || async { get(http, url).await.0 == want }).await;
     purger.assert_running();
-    assert!(
-        ok,
-        "{url} never served {want:?}; purger log:\n{}",
-        purger.log_text()
-    );
+    assert!(ok, "{url} never served {want:?}; purger log:\n{}", purger.log_text());
     t0.elapsed()
 }
 
@@ -132,14 +106,8 @@ async fn invalidate_purges_varnish() {
     // Cache pages 1..=3 at Varnish: a miss, then a hit.
     for id in 1..=3 {
         let url = varnish.url(&format!("/page/{id}"));
-        assert_eq!(
-            get(&http, &url).await,
-            (format!("page {id} v1"), "MISS".into())
-        );
-        assert_eq!(
-            get(&http, &url).await,
-            (format!("page {id} v1"), "HIT".into())
-        );
+        assert_eq!(get(&http, &url).await, (format!("page {id} v1"), "MISS".into()));
+        assert_eq!(get(&http, &url).await, (format!("page {id} v1"), "HIT".into()));
     }
     assert_eq!(fetches.load(SeqCst), 3);
 
@@ -152,24 +120,15 @@ async fn invalidate_purges_varnish() {
     let delay = t0.elapsed();
     eprintln!("INVALIDATE -> Varnish serving the new page: {delay:?}");
     // Only page 1 was purged: pages 2 and 3 are still the cached v1.
-    assert_eq!(
-        get(&http, &varnish.url("/page/2")).await,
-        ("page 2 v1".into(), "HIT".into())
-    );
-    assert_eq!(
-        get(&http, &varnish.url("/page/3")).await,
-        ("page 3 v1".into(), "HIT".into())
-    );
+    assert_eq!(get(&http, &varnish.url("/page/2")).await, ("page 2 v1".into(), "HIT".into()));
+    assert_eq!(get(&http, &varnish.url("/page/3")).await, ("page 3 v1".into(), "HIT".into()));
 
     // Several tags in one message, and a tag shared by two pages.
     version.store(3, SeqCst);
     conn.int(&cmd!("TIERCACHE.INVALIDATE", "shared", "page:nothing"));
     until_serves(&http, &varnish.url("/page/2"), "page 2 v3", &mut purger).await;
     until_serves(&http, &varnish.url("/page/1"), "page 1 v3", &mut purger).await;
-    assert_eq!(
-        get(&http, &varnish.url("/page/3")).await,
-        ("page 3 v1".into(), "HIT".into())
-    );
+    assert_eq!(get(&http, &varnish.url("/page/3")).await, ("page 3 v1".into(), "HIT".into()));
 
     // A reset message (FLUSHALL) purges the namespace: page 3 too.
     version.store(4, SeqCst);
@@ -183,33 +142,18 @@ async fn invalidate_purges_varnish() {
     version.store(5, SeqCst);
     let info = conn.info("server");
     let run_id = common::info_field(&info, "run_id").expect("run_id");
-    let last: u64 = common::info_field(&conn.info("tiercache"), "tiercache_invalidation_messages")
-        .unwrap()
-        .parse()
-        .unwrap();
-    let forged =
-        tiercache_core::message::invalidation(run_id.as_bytes(), last + 5, 0, &[b"page:unrelated"]);
+    let last: u64 = common::info_field(&conn.info("tiercache"), "tiercache_invalidation_messages").unwrap().parse().unwrap();
+    let forged = tiercache_core::message::invalidation(run_id.as_bytes(), last + 5, 0, &[b"page:unrelated"]);
     conn.run(&cmd!("PUBLISH", "tiercache:invalidations", forged));
     for id in 1..=3 {
-        until_serves(
-            &http,
-            &varnish.url(&format!("/page/{id}")),
-            &format!("page {id} v5"),
-            &mut purger,
-        )
-        .await;
+        until_serves(&http, &varnish.url(&format!("/page/{id}")), &format!("page {id} v5"), &mut purger).await;
     }
     let log = purger.log_text();
     assert!(log.contains("full purge (reset message)"), "{log}");
     assert!(log.contains("missed messages"), "{log}");
 
     // The purger's own metrics.
-    let text = reqwest::get(format!("http://{metrics_listen}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = reqwest::get(format!("http://{metrics_listen}/metrics")).await.unwrap().text().await.unwrap();
     let value = |name: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -220,10 +164,7 @@ async fn invalidate_purges_varnish() {
     assert_eq!(value("tiercache_purger_gaps_total"), 1.0);
     assert!(value("tiercache_purger_full_purges_total") >= 2.0);
     assert!(value("tiercache_purger_purged_keys_total") >= 3.0);
-    assert_eq!(
-        value("tiercache_purger_requests_total{result=\"error\"}"),
-        0.0
-    );
+    assert_eq!(value("tiercache_purger_requests_total{result=\"error\"}"), 0.0);
     assert_eq!(value("tiercache_purger_pending_keys"), 0.0);
     assert_eq!(value("tiercache_purger_lag_seconds"), 0.0);
     assert!(value("tiercache_purger_purge_delay_seconds_count") >= 4.0);
@@ -281,11 +222,7 @@ async fn purge_delay_figures() {
                 if get(&http, &url).await.0 == want {
                     break;
                 }
-                assert!(
-                    Instant::now() < end,
-                    "{url} never served {want}:\n{}",
-                    purger.log_text()
-                );
+                assert!(Instant::now() < end, "{url} never served {want}:\n{}", purger.log_text());
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             delays.push(t0.elapsed());
@@ -306,10 +243,7 @@ async fn purge_delay_figures() {
                 let mut c = redis::cmd("PUBSUB");
                 c.arg("NUMSUB").arg("tiercache:invalidations");
                 let v = conn.run(&c);
-                common::as_list(&v)
-                    .and_then(|l| l.get(1))
-                    .and_then(common::as_int)
-                    .unwrap_or(0)
+                common::as_list(&v).and_then(|l| l.get(1)).and_then(common::as_int).unwrap_or(0)
             };
             async move { n == 0 }
         })
@@ -332,10 +266,7 @@ async fn full_purge_without_namespace_key_bans_everything() {
     for id in [1, 7] {
         let url = varnish.url(&format!("/page/{id}"));
         get(&http, &url).await;
-        assert_eq!(
-            get(&http, &url).await,
-            (format!("page {id} v1"), "HIT".into())
-        );
+        assert_eq!(get(&http, &url).await, (format!("page {id} v1"), "HIT".into()));
     }
     version.store(2, SeqCst);
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
@@ -343,31 +274,11 @@ async fn full_purge_without_namespace_key_bans_everything() {
     let mut purger = harness::tiercache(
         &dir,
         "purge-varnish-all",
-        &[
-            "purge",
-            "--redis",
-            &redis_url,
-            "--backend",
-            "varnish",
-            "--varnish-url",
-            &varnish_url,
-        ],
+        &["purge", "--redis", &redis_url, "--backend", "varnish", "--varnish-url", &varnish_url],
     );
     wait_subscribers(&mut conn, 1, &mut purger).await;
     for id in [1, 7] {
-        until_serves(
-            &http,
-            &varnish.url(&format!("/page/{id}")),
-            &format!("page {id} v2"),
-            &mut purger,
-        )
-        .await;
+        until_serves(&http, &varnish.url(&format!("/page/{id}")), &format!("page {id} v2"), &mut purger).await;
     }
-    assert!(
-        purger
-            .log_text()
-            .contains("full purge (start) of everything done"),
-        "{}",
-        purger.log_text()
-    );
+    assert!(purger.log_text().contains("full purge (start) of everything done"), "{}", purger.log_text());
 }

@@ -29,11 +29,7 @@ fn expected_names(info: &str) -> BTreeSet<String> {
         })
         .collect();
     for (_, name, kind, _) in REDIS_FIELDS {
-        names.insert(if *kind == Kind::Counter {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        });
+        names.insert(if *kind == Kind::Counter { format!("{name}_total") } else { name.to_string() });
     }
     names.insert("tiercache_up".into());
     names
@@ -42,9 +38,7 @@ fn expected_names(info: &str) -> BTreeSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exporter_serves_every_field_and_prometheus_stores_them() {
     let dir = TempDir::new("exporter");
-    let a = common::Server::builder()
-        .args(&["--maxmemory", "64mb"])
-        .start();
+    let a = common::Server::builder().args(&["--maxmemory", "64mb"]).start();
     let b = common::Server::start();
     let mut ca = a.conn();
     // Some activity on a: 2 sets (one tagged), 1 hit, 1 miss, 1 invalidation.
@@ -60,77 +54,36 @@ async fn exporter_serves_every_field_and_prometheus_stores_them() {
     let url_a = format!("redis://127.0.0.1:{}/", a.port);
     let url_b = format!("redis://127.0.0.1:{}/", b.port);
     let url_dead = format!("redis://127.0.0.1:{dead}/");
-    let (mut exporter, port) = harness::exporter(
-        &dir,
-        &[
-            "--redis",
-            &url_a,
-            "--redis",
-            &url_b,
-            "--redis",
-            &url_dead,
-            "--timeout-ms",
-            "1000",
-        ],
-    )
-    .await;
+    let (mut exporter, port) =
+        harness::exporter(&dir, &["--redis", &url_a, "--redis", &url_b, "--redis", &url_dead, "--timeout-ms", "1000"]).await;
     let node_a = format!("127.0.0.1:{}", a.port);
     let node_b = format!("127.0.0.1:{}", b.port);
     let node_dead = format!("127.0.0.1:{dead}");
 
     // The text itself.
-    let resp = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .expect("scrape");
-    let ctype = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default();
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.expect("scrape");
+    let ctype = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     assert!(ctype.starts_with("application/openmetrics-text"), "{ctype}");
     let text = resp.text().await.unwrap();
-    for (field, kind, _) in FIELDS
-        .iter()
-        .filter(|f| info.contains(&format!("{}:", f.0)))
-    {
-        let ty = if *kind == Kind::Counter {
-            "counter"
-        } else {
-            "gauge"
-        };
-        assert!(
-            text.contains(&format!("# TYPE {field} {ty}\n")),
-            "no TYPE {ty} for {field}:\n{text}"
-        );
-        assert!(
-            text.contains(&format!("# HELP {field} ")),
-            "no HELP for {field}"
-        );
+    for (field, kind, _) in FIELDS.iter().filter(|f| info.contains(&format!("{}:", f.0))) {
+        let ty = if *kind == Kind::Counter { "counter" } else { "gauge" };
+        assert!(text.contains(&format!("# TYPE {field} {ty}\n")), "no TYPE {ty} for {field}:\n{text}");
+        assert!(text.contains(&format!("# HELP {field} ")), "no HELP for {field}");
     }
     for name in &want {
         for node in [&node_a, &node_b] {
-            assert!(
-                text.contains(&format!("{name}{{node=\"{node}\"}} ")),
-                "no {name} for {node}:\n{text}"
-            );
+            assert!(text.contains(&format!("{name}{{node=\"{node}\"}} ")), "no {name} for {node}:\n{text}");
         }
     }
     // Values are INFO's.
     let line = |name: &str, node: &str| -> Option<f64> {
-        text.lines().find_map(|l| {
-            l.strip_prefix(&format!("{name}{{node=\"{node}\"}} "))?
-                .parse()
-                .ok()
-        })
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}{{node=\"{node}\"}} "))?.parse().ok())
     };
     assert_eq!(line("tiercache_sets_total", &node_a), Some(2.0));
     assert_eq!(line("tiercache_hits_total", &node_a), Some(1.0));
     assert_eq!(line("tiercache_invalidations_total", &node_a), Some(1.0));
     assert_eq!(line("tiercache_sets_total", &node_b), Some(0.0));
-    assert_eq!(
-        line("tiercache_redis_maxmemory_bytes", &node_a),
-        Some(64.0 * 1024.0 * 1024.0)
-    );
+    assert_eq!(line("tiercache_redis_maxmemory_bytes", &node_a), Some(64.0 * 1024.0 * 1024.0));
     assert_eq!(line("tiercache_up", &node_a), Some(1.0));
     assert_eq!(line("tiercache_up", &node_dead), Some(0.0));
     assert_eq!(line("tiercache_entries", &node_dead), None);
@@ -148,33 +101,21 @@ async fn exporter_serves_every_field_and_prometheus_stores_them() {
             .api("label/__name__/values")
             .await
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
             .unwrap_or_default();
         let missing: Vec<&String> = want.iter().filter(|n| !names.contains(*n)).collect();
         if missing.is_empty() {
             break;
         }
         exporter.assert_running();
-        assert!(
-            Instant::now() < end,
-            "Prometheus lacks {missing:?}; exporter log:\n{}",
-            exporter.log_text()
-        );
+        assert!(Instant::now() < end, "Prometheus lacks {missing:?}; exporter log:\n{}", exporter.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for name in &want {
-        let r = prom
-            .query(&format!("{name}{{job=\"tiercache\",node=\"{node_a}\"}}"))
-            .await;
+        let r = prom.query(&format!("{name}{{job=\"tiercache\",node=\"{node_a}\"}}")).await;
         assert_eq!(r.len(), 1, "{name}: {r:?}");
     }
-    let sets = prom
-        .query(&format!("tiercache_sets_total{{node=\"{node_a}\"}}"))
-        .await;
+    let sets = prom.query(&format!("tiercache_sets_total{{node=\"{node_a}\"}}")).await;
     assert_eq!(sets[0]["value"][1], "2");
     let up = prom.query("tiercache_up == 0").await;
     assert_eq!(up.len(), 1);
@@ -183,29 +124,14 @@ async fn exporter_serves_every_field_and_prometheus_stores_them() {
     // Every shipped rule is loaded and evaluates cleanly against these series.
     let end = Instant::now() + Duration::from_secs(30);
     loop {
-        let groups = prom.api("rules").await["groups"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let rules: Vec<serde_json::Value> = groups
-            .iter()
-            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
-            .collect();
-        let bad: Vec<String> = rules
-            .iter()
-            .filter(|r| r["health"] != "ok")
-            .map(|r| r.to_string())
-            .collect();
+        let groups = prom.api("rules").await["groups"].as_array().cloned().unwrap_or_default();
+        let rules: Vec<serde_json::Value> =
+            groups.iter().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect();
+        let bad: Vec<String> = rules.iter().filter(|r| r["health"] != "ok").map(|r| r.to_string()).collect();
         if rules.len() >= 15 && bad.is_empty() {
             break;
         }
-        assert!(
-            Instant::now() < end,
-            "{} rules, not all healthy:\n{}\n{}",
-            rules.len(),
-            bad.join("\n"),
-            prom.proc.log_text()
-        );
+        assert!(Instant::now() < end, "{} rules, not all healthy:\n{}\n{}", rules.len(), bad.join("\n"), prom.proc.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

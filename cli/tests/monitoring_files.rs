@@ -63,29 +63,16 @@ fn exposed(text: &str) -> BTreeSet<String> {
 fn known_series(rules: &str) -> BTreeSet<String> {
     let mut known = BTreeSet::new();
     for (name, kind, _) in FIELDS {
-        known.insert(if *kind == Kind::Counter {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        });
+        known.insert(if *kind == Kind::Counter { format!("{name}_total") } else { name.to_string() });
     }
     for (_, name, kind, _) in REDIS_FIELDS {
-        known.insert(if *kind == Kind::Counter {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        });
+        known.insert(if *kind == Kind::Counter { format!("{name}_total") } else { name.to_string() });
     }
     known.insert("tiercache_up".into());
-    known.extend(exposed(
-        &tiercache_client::Snapshot::default().to_prometheus(),
-    ));
+    known.extend(exposed(&tiercache_client::Snapshot::default().to_prometheus()));
     let metrics = Arc::new(tiercache_cli::purge::Metrics::new());
     let mut registry = Registry::default();
-    metrics.register(
-        &mut registry,
-        &Gauge::<f64, std::sync::atomic::AtomicU64>::default(),
-    );
+    metrics.register(&mut registry, &Gauge::<f64, std::sync::atomic::AtomicU64>::default());
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
     known.extend(exposed(&text));
@@ -98,31 +85,20 @@ fn known_series(rules: &str) -> BTreeSet<String> {
 }
 
 fn read(rel: &str) -> String {
-    std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(rel),
-    )
-    .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel))
+        .unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
 #[test]
 fn rules_query_only_exported_series() {
     let rules = read("monitoring/cache_monitoring.yml");
     let known = known_series(&rules);
-    let code: String = rules
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let code: String = rules.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
     // Summaries mention "tiercache exporter" etc.: only identifiers with _ or : count.
     let used = series_names(&code);
     assert!(used.len() > 15, "{used:?}");
     let unknown: Vec<&String> = used.difference(&known).collect();
-    assert!(
-        unknown.is_empty(),
-        "rules query series nobody exports: {unknown:?}"
-    );
+    assert!(unknown.is_empty(), "rules query series nobody exports: {unknown:?}");
     for alert in [
         "TiercacheHitRatioLow",
         "TiercacheOriginLoadSpike",
@@ -134,26 +110,18 @@ fn rules_query_only_exported_series() {
         "TiercacheEvictions",
         "TiercacheInvalidationLag",
     ] {
-        assert!(
-            rules.contains(&format!("- alert: {alert}\n")),
-            "no alert {alert}"
-        );
+        assert!(rules.contains(&format!("- alert: {alert}\n")), "no alert {alert}");
     }
 }
 
 #[test]
 fn dashboard_is_valid_and_queries_exported_series() {
     let text = read("monitoring/grafana-dashboard.json");
-    let dash: serde_json::Value =
-        serde_json::from_str(&text).expect("grafana-dashboard.json is not valid JSON");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("grafana-dashboard.json is not valid JSON");
     assert_eq!(dash["uid"], "tiercache-overview");
     assert!(dash["title"].is_string());
-    let vars: Vec<&str> = dash["templating"]["list"]
-        .as_array()
-        .expect("templating")
-        .iter()
-        .filter_map(|v| v["name"].as_str())
-        .collect();
+    let vars: Vec<&str> =
+        dash["templating"]["list"].as_array().expect("templating").iter().filter_map(|v| v["name"].as_str()).collect();
     assert_eq!(vars, ["datasource", "node"]);
     let known = known_series(&read("monitoring/cache_monitoring.yml"));
     let panels = dash["panels"].as_array().expect("panels");
@@ -182,17 +150,10 @@ fn dashboard_is_valid_and_queries_exported_series() {
     }
     assert!(graphs >= 15, "{graphs} graph panels");
     let unknown: Vec<&String> = used.difference(&known).collect();
-    assert!(
-        unknown.is_empty(),
-        "dashboard queries series nobody exports: {unknown:?}"
-    );
+    assert!(unknown.is_empty(), "dashboard queries series nobody exports: {unknown:?}");
     // Every server field appears somewhere on the dashboard.
     for (name, kind, _) in FIELDS {
-        let n = if *kind == Kind::Counter {
-            format!("{name}_total")
-        } else {
-            name.to_string()
-        };
+        let n = if *kind == Kind::Counter { format!("{name}_total") } else { name.to_string() };
         assert!(used.contains(&n), "dashboard does not show {n}");
     }
 }

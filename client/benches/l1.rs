@@ -79,13 +79,9 @@ impl Server {
             .into_iter()
             .chain(["target/debug/libtiercache.so", "target/release/libtiercache.so"].map(|p| root.join(p)))
             .find(|p| p.exists())
-            .ok_or(
-                "no libtiercache.so under target/debug or target/release (run `cargo build`), nor TIERCACHE_MODULE",
-            )?;
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
+            .ok_or("no libtiercache.so under target/debug or target/release (run `cargo build`), nor TIERCACHE_MODULE")?;
+        let port =
+            TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| format!("no free port: {e}"))?.port();
         let dir = std::env::temp_dir().join(format!("tiercache-bench-l1-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -492,14 +488,8 @@ fn caches(capacity: u64) -> Vec<(&'static str, Box<dyn Sim>)> {
     // About 1,000 values of ~1 KB fit; quick_cache sizes its tables and shards from this estimate.
     let items = (capacity / 1032) as usize;
     vec![
-        (
-            "quick_cache_sync",
-            Box::new(QuickSync(quick_cache::sync::Cache::with_weighter(items, capacity, SizeWeighter))),
-        ),
-        (
-            "quick_cache_unsync",
-            Box::new(QuickUnsync(quick_cache::unsync::Cache::with_weighter(items, capacity, SizeWeighter))),
-        ),
+        ("quick_cache_sync", Box::new(QuickSync(quick_cache::sync::Cache::with_weighter(items, capacity, SizeWeighter)))),
+        ("quick_cache_unsync", Box::new(QuickUnsync(quick_cache::unsync::Cache::with_weighter(items, capacity, SizeWeighter)))),
         ("lru", Box::new(Lru::new(capacity))),
     ]
 }

@@ -134,8 +134,7 @@ impl Db {
     fn bump_first_order(&self, user_id: u64, extra: i64) -> rusqlite::Result<u64> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
-        let order_id: u64 =
-            tx.query_row("SELECT MIN(id) FROM orders WHERE user_id = ?1", params![user_id], |r| r.get(0))?;
+        let order_id: u64 = tx.query_row("SELECT MIN(id) FROM orders WHERE user_id = ?1", params![user_id], |r| r.get(0))?;
         tx.execute("UPDATE orders SET qty = qty + ?1 WHERE id = ?2", params![extra, order_id])?;
         tx.commit()?;
         Ok(order_id)
@@ -188,9 +187,7 @@ async fn check_redis(cache: &TierCache, url: &str) -> Result<(), String> {
         Err(Error::Redis(e)) if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() => {
             Err(format!("Redis is not reachable at {url} ({e})"))
         }
-        Err(e) => {
-            Err(format!("Redis at {url} answered, but not as the tiercache module would: is the module loaded? ({e})"))
-        }
+        Err(e) => Err(format!("Redis at {url} answered, but not as the tiercache module would: is the module loaded? ({e})")),
     }
 }
 
@@ -248,12 +245,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let before = user_orders(&servers[0], &db, user).await?;
     // Warm server B too, so that it holds the old value in its own L1.
     user_orders(&servers[1], &db, user).await?;
-    println!(
-        "\nuser {user} ({}): {} order(s), total {}",
-        before.name,
-        before.orders.len(),
-        dollars(before.total_cents)
-    );
+    println!("\nuser {user} ({}): {} order(s), total {}", before.name, before.orders.len(), dollars(before.total_cents));
     print_lines(&before);
     let order_id = db.bump_first_order(user, 2)?;
     println!("UPDATE orders SET qty = qty + 2 WHERE id = {order_id}; COMMIT");
@@ -273,11 +265,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    println!(
-        "  read on server B: total {} (after {:.1} ms)",
-        dollars(seen_on_b.total_cents),
-        t.elapsed().as_secs_f64() * 1e3
-    );
+    println!("  read on server B: total {} (after {:.1} ms)", dollars(seen_on_b.total_cents), t.elapsed().as_secs_f64() * 1e3);
     if after.total_cents == before.total_cents || seen_on_b.total_cents != after.total_cents {
         return Err("the update was not seen after the invalidation".into());
     }

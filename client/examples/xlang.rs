@@ -67,7 +67,8 @@ async fn main() {
         let words: Vec<&str> = line.split_whitespace().collect();
         let answer = match words.as_slice() {
             ["set", key, id, name, tag, rest @ ..] => {
-                let name = if rest.first() == Some(&"big") { name.repeat(4096 / name.len().max(1) + 1) } else { (*name).to_owned() };
+                let name =
+                    if rest.first() == Some(&"big") { name.repeat(4096 / name.len().max(1) + 1) } else { (*name).to_owned() };
                 let p = Profile { id: id.parse().unwrap_or(0), name, tags: vec![(*tag).to_owned()], active: true, score: 1.5 };
                 match cache.set(key, &p, &Opts::default().tag(*tag)).await {
                     Ok(()) => "OK".to_owned(),

@@ -147,18 +147,13 @@ where
         out.push_str(&k);
     }
     if out.len() > cdn.max_header_len() {
-        return Err(TooLong {
-            cdn,
-            len: out.len(),
-        });
+        return Err(TooLong { cdn, len: out.len() });
     }
     Ok(out)
 }
 
 /// `Surrogate-Key` value (Fastly).
-pub fn surrogate_key<I: IntoIterator<Item = T>, T: AsRef<[u8]>>(
-    tags: I,
-) -> Result<String, TooLong> {
+pub fn surrogate_key<I: IntoIterator<Item = T>, T: AsRef<[u8]>>(tags: I) -> Result<String, TooLong> {
     header_value(Cdn::Fastly, tags)
 }
 
@@ -180,10 +175,7 @@ mod tests {
     fn plain_tags_pass_unchanged() {
         assert!(matches!(edge_key(b"user:42"), Cow::Borrowed("user:42")));
         assert_eq!(edge_key(b"ns:app:v3"), "ns:app:v3");
-        assert_eq!(
-            edge_key(b"a-b_c.d/e~!\"#$&'()*+;<=>?@[\\]^`{|}"),
-            "a-b_c.d/e~!\"#$&'()*+;<=>?@[\\]^`{|}"
-        );
+        assert_eq!(edge_key(b"a-b_c.d/e~!\"#$&'()*+;<=>?@[\\]^`{|}"), "a-b_c.d/e~!\"#$&'()*+;<=>?@[\\]^`{|}");
     }
 
     #[test]
@@ -207,10 +199,7 @@ mod tests {
         assert_eq!(edge_key(&vec![b'x'; MAX_KEY_LEN]).len(), MAX_KEY_LEN);
         // 400 spaces escape to 1200 bytes: hashed too.
         assert!(edge_key(&[b' '; 400]).starts_with("tc~"));
-        assert_eq!(
-            edge_key(b""),
-            format!("tc~{:016x}", 0xcbf2_9ce4_8422_2325u64)
-        );
+        assert_eq!(edge_key(b""), format!("tc~{:016x}", 0xcbf2_9ce4_8422_2325u64));
         // Reference values of FNV-1a 64.
         assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
@@ -235,13 +224,7 @@ mod tests {
         // 1000 keys of 9 bytes + separators: 9999 bytes, over Varnish's 8000, under the CDNs' 16384.
         let tags: Vec<String> = (0..1000).map(|i| format!("tag:{i:05}")).collect();
         let e = xkey(&tags).unwrap_err();
-        assert_eq!(
-            e,
-            TooLong {
-                cdn: Cdn::Varnish,
-                len: 9999
-            }
-        );
+        assert_eq!(e, TooLong { cdn: Cdn::Varnish, len: 9999 });
         assert!(e.to_string().contains("xkey header of 9999 bytes"));
         assert_eq!(surrogate_key(&tags).unwrap().len(), 9999);
         let more: Vec<String> = (0..2000).map(|i| format!("tag:{i:05}")).collect();

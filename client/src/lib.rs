@@ -993,7 +993,13 @@ impl Inner {
                 (g, v)
             })
             .collect();
-        Ticket { tracking: self.tracking.load(SeqCst), epoch: self.epoch.load(SeqCst), key_bucket, key_gen: self.key_gens[key_bucket].load(SeqCst), tags }
+        Ticket {
+            tracking: self.tracking.load(SeqCst),
+            epoch: self.epoch.load(SeqCst),
+            key_bucket,
+            key_gen: self.key_gens[key_bucket].load(SeqCst),
+            tags,
+        }
     }
 
     fn ticket_valid(&self, t: &Ticket) -> bool {

@@ -15,7 +15,8 @@ fn slow_loader(
     runs: &Arc<AtomicU32>,
     v: &str,
     ms: u64,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>> + Send + 'static {
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>> + Send + 'static
+{
     let runs = runs.clone();
     let v = v.to_string();
     move || {

@@ -15,13 +15,7 @@ const OP_TIMEOUT: Duration = Duration::from_millis(200);
 const COOLDOWN: Duration = Duration::from_millis(300);
 
 async fn build(url: &str) -> TierCache {
-    TierCache::builder(url)
-        .namespace("deg")
-        .op_timeout(OP_TIMEOUT)
-        .circuit_breaker(2, COOLDOWN)
-        .build()
-        .await
-        .unwrap()
+    TierCache::builder(url).namespace("deg").op_timeout(OP_TIMEOUT).circuit_breaker(2, COOLDOWN).build().await.unwrap()
 }
 
 fn opts() -> Opts {

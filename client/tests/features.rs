@@ -148,7 +148,6 @@ async fn fail_safe_without_a_stale_value_returns_the_load_error() {
     assert_eq!(a.metrics().fail_safe + b.metrics().fail_safe, 0, "no stale value was served");
 }
 
-
 // ---------------------------------------------------------------------------------------------------
 // 7. Compression.
 

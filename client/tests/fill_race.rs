@@ -37,7 +37,10 @@ impl Db {
         self.runs.load(Ordering::SeqCst)
     }
     /// A loader reading the row at once.
-    fn loader(&self) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>> + Send + 'static {
+    fn loader(
+        &self,
+    ) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, std::io::Error>> + Send>> + Send + 'static
+    {
         let db = self.clone();
         move || {
             Box::pin(async move {
@@ -113,7 +116,10 @@ async fn race(kind: Race) {
         }
     };
     // The fill was fenced, or at least not cached in L1.
-    check(m.fenced == 1 || m.l1_entries == 0, format!("fill neither fenced nor kept out of L1: fenced {}, {} L1 entries", m.fenced, m.l1_entries));
+    check(
+        m.fenced == 1 || m.l1_entries == 0,
+        format!("fill neither fenced nor kept out of L1: fenced {}, {} L1 entries", m.fenced, m.l1_entries),
+    );
 
     // Redis does not hold the stale value.
     let full = a.redis_key(KEY);
@@ -122,7 +128,14 @@ async fn race(kind: Race) {
         Race::SetKey => Some(msgpack_str("v2")),
         _ => None,
     };
-    check(raw == expected_raw, format!("Redis holds {:?} after the race, expected {:?}", raw.as_deref().map(String::from_utf8_lossy), expected_raw.as_deref().map(String::from_utf8_lossy)));
+    check(
+        raw == expected_raw,
+        format!(
+            "Redis holds {:?} after the race, expected {:?}",
+            raw.as_deref().map(String::from_utf8_lossy),
+            expected_raw.as_deref().map(String::from_utf8_lossy)
+        ),
+    );
 
     // The next read of every instance returns the new value.
     let runs_before = db.runs();
@@ -140,7 +153,10 @@ async fn race(kind: Race) {
     let next_c = c.get_or_load(KEY, &opts(), db.loader()).await.unwrap();
     check(next_c == "v2", format!("a new instance's read returned {next_c:?}"));
     let raw = raw_get(&server, &full);
-    check(raw.as_deref() == Some(&msgpack_str("v2")[..]), format!("Redis finally holds {:?}", raw.as_deref().map(String::from_utf8_lossy)));
+    check(
+        raw.as_deref() == Some(&msgpack_str("v2")[..]),
+        format!("Redis finally holds {:?}", raw.as_deref().map(String::from_utf8_lossy)),
+    );
     let hits = a.metrics().l1_hits;
     let again = a.get_or_load(KEY, &opts(), db.loader()).await.unwrap();
     check(again == next_a && a.metrics().l1_hits == hits + 1, format!("A's L1 read returned {again:?}"));

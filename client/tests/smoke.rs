@@ -100,10 +100,10 @@ async fn messagepack_by_default_raw_bytes_verbatim() {
     let bytes = b"\x00\xffalready-encoded".to_vec();
     c.set("r", &tiercache_client::Raw(bytes.clone()), &Opts::default()).await.unwrap();
     assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r"))).unwrap(), bytes);
-    let loaded: tiercache_client::Raw =
-        c.get_or_load("r2", &Opts::default(), || async { Ok::<_, std::io::Error>(tiercache_client::Raw(b"xyz".to_vec())) })
-            .await
-            .unwrap();
+    let loaded: tiercache_client::Raw = c
+        .get_or_load("r2", &Opts::default(), || async { Ok::<_, std::io::Error>(tiercache_client::Raw(b"xyz".to_vec())) })
+        .await
+        .unwrap();
     assert_eq!(loaded.0, b"xyz");
     assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r2"))).unwrap(), b"xyz");
 }

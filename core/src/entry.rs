@@ -84,13 +84,7 @@ pub struct Entry {
 impl Entry {
     /// Builds an entry from a client's value. A `Verbatim(Lz4)` value must be a frame that decodes (it is
     /// checked once here, so a GET can never find an unreadable entry).
-    pub fn from_value(
-        value: &[u8],
-        storage: Storage,
-        fresh_until: i64,
-        created: i64,
-        tags: TagList,
-    ) -> Result<Self, FrameError> {
+    pub fn from_value(value: &[u8], storage: Storage, fresh_until: i64, created: i64, tags: TagList) -> Result<Self, FrameError> {
         let (data, encoding, orig_len) = match storage {
             Storage::Auto { compress_min_size } => match lz4::compress_if_worth(value, compress_min_size) {
                 Some(frame) => (frame.into_boxed_slice(), Encoding::Lz4, value.len()),
@@ -226,8 +220,8 @@ mod tests {
     #[test]
     fn fresh_then_stale_on_a_moving_clock() {
         let clock = ManualClock::new(10_000);
-        let e = Entry::from_value(b"v", Storage::Auto { compress_min_size: 1024 }, 10_100, clock.now_ms(), TagList::EMPTY)
-            .unwrap();
+        let e =
+            Entry::from_value(b"v", Storage::Auto { compress_min_size: 1024 }, 10_100, clock.now_ms(), TagList::EMPTY).unwrap();
         assert!(e.is_fresh(clock.now_ms()));
         assert_eq!(e.fresh_ttl_ms(clock.now_ms()), 100);
         clock.advance(99);
@@ -251,8 +245,8 @@ mod tests {
         let mut scratch = Vec::new();
         assert_eq!(e.value_into(&mut scratch).unwrap(), &big[..]);
 
-        let small = Entry::from_value(&big[..1000], Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, TagList::EMPTY)
-            .unwrap();
+        let small =
+            Entry::from_value(&big[..1000], Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, TagList::EMPTY).unwrap();
         assert_eq!(small.encoding(), Encoding::Raw);
         let forced_raw = Entry::from_value(&big, Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 0, TagList::EMPTY).unwrap();
         assert_eq!(forced_raw.encoding(), Encoding::Raw);
@@ -272,7 +266,10 @@ mod tests {
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
         corrupt.truncate(last - 3);
-        assert!(Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY).is_err(), "a frame whose body does not decode");
+        assert!(
+            Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY).is_err(),
+            "a frame whose body does not decode"
+        );
     }
 
     #[test]
@@ -293,25 +290,10 @@ mod tests {
     fn decoded_len_reads_the_frame_header_only() {
         let frame = lz4::compress(&[0u8; 100_000]);
         assert!(frame.len() < 1000);
-        assert_eq!(
-            Storage::Verbatim(Encoding::Lz4).decoded_len(&frame),
-            Ok(100_000)
-        );
-        assert_eq!(
-            Storage::Verbatim(Encoding::Raw).decoded_len(&frame),
-            Ok(frame.len())
-        );
-        assert_eq!(
-            Storage::Auto {
-                compress_min_size: 0
-            }
-            .decoded_len(b"abc"),
-            Ok(3)
-        );
-        assert_eq!(
-            Storage::Verbatim(Encoding::Lz4).decoded_len(b"xy"),
-            Err(FrameError::BadHeader)
-        );
+        assert_eq!(Storage::Verbatim(Encoding::Lz4).decoded_len(&frame), Ok(100_000));
+        assert_eq!(Storage::Verbatim(Encoding::Raw).decoded_len(&frame), Ok(frame.len()));
+        assert_eq!(Storage::Auto { compress_min_size: 0 }.decoded_len(b"abc"), Ok(3));
+        assert_eq!(Storage::Verbatim(Encoding::Lz4).decoded_len(b"xy"), Err(FrameError::BadHeader));
     }
 
     #[test]

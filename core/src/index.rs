@@ -317,22 +317,11 @@ impl Registry {
 
     /// Up to `n` keys of live entries carrying `tag` in `db` for which `keep` holds (TAGKEYS for a user
     /// whose ACL key patterns may hide some of them).
-    pub fn tag_keys_where(
-        &self,
-        db: usize,
-        tag: &[u8],
-        n: usize,
-        mut keep: impl FnMut(&[u8]) -> bool,
-    ) -> Vec<&[u8]> {
+    pub fn tag_keys_where(&self, db: usize, tag: &[u8], n: usize, mut keep: impl FnMut(&[u8]) -> bool) -> Vec<&[u8]> {
         let Some(s) = self.slot_of(db, tag) else {
             return Vec::new();
         };
-        s.keys
-            .iter()
-            .map(|k| &k[..])
-            .filter(|k| keep(k))
-            .take(n)
-            .collect()
+        s.keys.iter().map(|k| &k[..]).filter(|k| keep(k)).take(n).collect()
     }
 
     /// Forgets one database (FLUSHDB) or all of them (`None`, FLUSHALL and full reloads).
@@ -410,7 +399,14 @@ mod tests {
         assert!(r.is_valid(&d));
         assert!(!r.is_valid(&a) && !r.is_valid(&b));
 
-        let mut got: Vec<Vec<u8>> = r.take_reclaim(10).into_iter().map(|(db, k)| { assert_eq!(db, 0); k.to_vec() }).collect();
+        let mut got: Vec<Vec<u8>> = r
+            .take_reclaim(10)
+            .into_iter()
+            .map(|(db, k)| {
+                assert_eq!(db, 0);
+                k.to_vec()
+            })
+            .collect();
         got.sort();
         assert_eq!(got, vec![b"a".to_vec(), b"b".to_vec()]);
         assert_eq!(r.reclaim_pending(), 0);

@@ -261,7 +261,8 @@ impl<W: Waiter> LeaseTable<W> {
     /// `now` and keeps the other waiters. `None` when nobody waits.
     pub fn hand_off(&mut self, db: usize, key: &[u8], mut lease: Lease<W>, now: i64, ttl_ms: i64) -> Option<Handoff<W>> {
         let waiter = lease.waiters.pop_front()?;
-        let token = self.insert((db, Box::from(key)), waiter.client(), now, ttl_ms, std::mem::take(&mut lease.waiters), lease.token);
+        let token =
+            self.insert((db, Box::from(key)), waiter.client(), now, ttl_ms, std::mem::take(&mut lease.waiters), lease.token);
         Some(Handoff { waiter, token })
     }
 

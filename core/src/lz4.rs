@@ -52,10 +52,7 @@ pub fn compress_if_worth(src: &[u8], min_len: usize) -> Option<Vec<u8>> {
 
 /// Checks a frame's header without decoding it and returns the original length it announces.
 pub fn original_len(frame: &[u8]) -> Result<usize, FrameError> {
-    let header: [u8; HEADER_LEN] = frame
-        .get(..HEADER_LEN)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(FrameError::BadHeader)?;
+    let header: [u8; HEADER_LEN] = frame.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(FrameError::BadHeader)?;
     let len = u32::from_le_bytes(header) as usize;
     if len > MAX_ORIGINAL_LEN {
         return Err(FrameError::TooLarge);
@@ -176,10 +173,6 @@ mod tests {
         frame[..HEADER_LEN].copy_from_slice(&100u32.to_le_bytes());
         let mut out = Vec::new();
         assert_eq!(decompress_into(&frame, &mut out), Err(FrameError::Corrupt));
-        assert!(
-            out.capacity() <= 100,
-            "grew to {} for a 100-byte announcement",
-            out.capacity()
-        );
+        assert!(out.capacity() <= 100, "grew to {} for a 100-byte announcement", out.capacity());
     }
 }

@@ -183,8 +183,14 @@ mod tests {
     use crate::entry::Storage;
 
     fn sample(value: &[u8], tags: &[&[u8]]) -> Entry {
-        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, TagList::new(tags))
-            .unwrap()
+        Entry::from_value(
+            value,
+            Storage::Auto { compress_min_size: 64 },
+            1_700_000_000_123,
+            1_699_999_999_000,
+            TagList::new(tags),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -258,36 +264,17 @@ mod tests {
             bad[i] = f;
             load(&mut bad.into_iter(), 2)
         };
-        assert_eq!(
-            with(1, Field::Signed(0)),
-            Err(LoadError::Invalid("fresh deadline"))
-        );
-        assert_eq!(
-            with(1, Field::Signed(-2)),
-            Err(LoadError::Invalid("fresh deadline"))
-        );
+        assert_eq!(with(1, Field::Signed(0)), Err(LoadError::Invalid("fresh deadline")));
+        assert_eq!(with(1, Field::Signed(-2)), Err(LoadError::Invalid("fresh deadline")));
         assert!(with(1, Field::Signed(NO_DEADLINE)).is_ok());
         assert!(with(1, Field::Signed(1)).is_ok());
-        assert_eq!(
-            with(2, Field::Signed(-1)),
-            Err(LoadError::Invalid("creation time"))
-        );
+        assert_eq!(with(2, Field::Signed(-1)), Err(LoadError::Invalid("creation time")));
         assert!(with(2, Field::Signed(0)).is_ok());
-        assert_eq!(
-            with(3, Field::Unsigned(lz4::MAX_ORIGINAL_LEN as u64 + 1)),
-            Err(LoadError::Invalid("size"))
-        );
-        let Field::Bytes(frame) = &fields[4] else {
-            panic!("stored bytes")
-        };
-        assert_eq!(
-            with(4, Field::Bytes(frame[..frame.len() - 2].to_vec())),
-            Err(LoadError::Invalid("lz4 frame"))
-        );
+        assert_eq!(with(3, Field::Unsigned(lz4::MAX_ORIGINAL_LEN as u64 + 1)), Err(LoadError::Invalid("size")));
+        let Field::Bytes(frame) = &fields[4] else { panic!("stored bytes") };
+        assert_eq!(with(4, Field::Bytes(frame[..frame.len() - 2].to_vec())), Err(LoadError::Invalid("lz4 frame")));
         // The tag count bound is the upper bound of tiercache.max-tags.
-        let names: Vec<Vec<u8>> = (0..=MAX_PERSISTED_TAGS)
-            .map(|i| i.to_string().into_bytes())
-            .collect();
+        let names: Vec<Vec<u8>> = (0..=MAX_PERSISTED_TAGS).map(|i| i.to_string().into_bytes()).collect();
         for n in [MAX_PERSISTED_TAGS, MAX_PERSISTED_TAGS + 1] {
             let tags: Vec<&[u8]> = names[..n as usize].iter().map(Vec::as_slice).collect();
             let mut many: Vec<Field> = Vec::new();

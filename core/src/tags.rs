@@ -62,19 +62,12 @@ impl TagList {
             return TagList(None);
         }
         let first: Vec<bool> = if tags.len() <= LINEAR_DEDUP_MAX {
-            (0..tags.len())
-                .map(|i| !tags[..i].contains(&tags[i]))
-                .collect()
+            (0..tags.len()).map(|i| !tags[..i].contains(&tags[i])).collect()
         } else {
             let mut seen = ahash::AHashSet::with_capacity(tags.len());
             tags.iter().map(|t| seen.insert(*t)).collect()
         };
-        let kept = || {
-            tags.iter()
-                .zip(&first)
-                .filter(|(_, &keep)| keep)
-                .map(|(t, _)| *t)
-        };
+        let kept = || tags.iter().zip(&first).filter(|(_, &keep)| keep).map(|(t, _)| *t);
         let size: usize = kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
         let mut buf = Vec::with_capacity(size);
         for t in kept() {
@@ -204,24 +197,15 @@ mod tests {
 
     #[test]
     fn long_lists_drop_repeats_like_short_ones() {
-        let names: Vec<Vec<u8>> = (0..70_000)
-            .map(|i| format!("t{}", i % 50_000).into_bytes())
-            .collect();
+        let names: Vec<Vec<u8>> = (0..70_000).map(|i| format!("t{}", i % 50_000).into_bytes()).collect();
         let tags: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
         let list = TagList::new(&tags);
         assert_eq!(list.len(), 50_000);
-        assert!(
-            list.iter().zip(&tags).all(|(a, b)| a == *b),
-            "first occurrences, in order"
-        );
+        assert!(list.iter().zip(&tags).all(|(a, b)| a == *b), "first occurrences, in order");
         let short: Vec<&[u8]> = vec![b"a", b"b", b"a", b"c", b"b"];
         for n in [LINEAR_DEDUP_MAX, LINEAR_DEDUP_MAX + 1] {
             let many: Vec<&[u8]> = short.iter().cycle().take(n).copied().collect();
-            assert_eq!(
-                TagList::new(&many).iter().collect::<Vec<_>>(),
-                vec![&b"a"[..], b"b", b"c"],
-                "{n} tags"
-            );
+            assert_eq!(TagList::new(&many).iter().collect::<Vec<_>>(), vec![&b"a"[..], b"b", b"c"], "{n} tags");
         }
     }
 

@@ -25,10 +25,7 @@ fn reference_token(s: &[u8]) -> Option<u64> {
         return None;
     }
     let digits = {
-        let t = s
-            .iter()
-            .position(|&b| b != b'0')
-            .map_or(&s[s.len()..], |i| &s[i..]);
+        let t = s.iter().position(|&b| b != b'0').map_or(&s[s.len()..], |i| &s[i..]);
         t
     };
     if digits.is_empty() || digits.len() > 20 {
@@ -40,16 +37,8 @@ fn reference_token(s: &[u8]) -> Option<u64> {
 
 fn check_numbers(arg: &[u8]) {
     assert_eq!(parse_i64(arg), reference_i64(arg), "parse_i64({arg:?})");
-    assert_eq!(
-        parse_u64(arg),
-        reference_i64(arg).and_then(|v| u64::try_from(v).ok()),
-        "parse_u64({arg:?})"
-    );
-    assert_eq!(
-        parse_token(arg),
-        reference_token(arg),
-        "parse_token({arg:?})"
-    );
+    assert_eq!(parse_u64(arg), reference_i64(arg).and_then(|v| u64::try_from(v).ok()), "parse_u64({arg:?})");
+    assert_eq!(parse_token(arg), reference_token(arg), "parse_token({arg:?})");
 }
 
 fn check_set(opts: &[&[u8]], max_tags: usize) {
@@ -65,11 +54,7 @@ fn check_set(opts: &[&[u8]], max_tags: usize) {
     match parsed.tags_at {
         Some(at) => {
             assert!(parsed.tags.is_empty() || at + 1 + parsed.tags.len() <= opts.len());
-            assert_eq!(
-                parse_i64(opts[at]),
-                Some(parsed.tags.len() as i64),
-                "numtags at {at}"
-            );
+            assert_eq!(parse_i64(opts[at]), Some(parsed.tags.len() as i64), "numtags at {at}");
             assert_eq!(&opts[at + 1..at + 1 + parsed.tags.len()], &parsed.tags[..]);
             assert!(opts[at - 1].eq_ignore_ascii_case(b"TAGS"));
         }
@@ -86,16 +71,7 @@ fn check_set(opts: &[&[u8]], max_tags: usize) {
     }
     assert!(parsed.created.is_none_or(|c| c >= 0));
     assert!(parsed.lease.is_none_or(|t| t > 0));
-    for now in [
-        0,
-        1,
-        1_700_000_000_000,
-        i64::MAX / 2,
-        i64::MAX - 1,
-        i64::MAX,
-        -1,
-        i64::MIN,
-    ] {
+    for now in [0, 1, 1_700_000_000_000, i64::MAX / 2, i64::MAX - 1, i64::MAX, -1, i64::MIN] {
         if let Ok(d) = parsed.deadlines(now) {
             if parsed.fresh == FreshPeriod::Forever {
                 assert_eq!((d.fresh_until, d.expire_at), (NO_DEADLINE, NO_DEADLINE));
@@ -132,11 +108,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let max_tags = usize::from(first & 63);
-    let opts: Vec<&[u8]> = if rest.is_empty() {
-        Vec::new()
-    } else {
-        rest.split(|&b| b == b'\n').collect()
-    };
+    let opts: Vec<&[u8]> = if rest.is_empty() { Vec::new() } else { rest.split(|&b| b == b'\n').collect() };
     check_set(&opts, max_tags);
     check_get(&opts);
     for arg in &opts {

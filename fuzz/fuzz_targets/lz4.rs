@@ -65,11 +65,7 @@ fn reference_header(frame: &[u8]) -> Result<usize, FrameError> {
         return Err(FrameError::TooLarge);
     }
     let payload = (frame.len() - HEADER_LEN) as u64;
-    let plausible = if len == 0 {
-        payload == 1
-    } else {
-        payload > 0 && payload * 255 >= len
-    };
+    let plausible = if len == 0 { payload == 1 } else { payload > 0 && payload * 255 >= len };
     if plausible {
         Ok(len as usize)
     } else {
@@ -89,10 +85,7 @@ fuzz_target!(|data: &[u8]| {
         (Ok(_), Err(d)) => assert_eq!(*d, FrameError::Corrupt),
     }
     let bound = header.unwrap_or(0);
-    assert!(
-        largest <= bound.max(64),
-        "decoding allocated {largest} bytes, the frame bounds it to {bound}"
-    );
+    assert!(largest <= bound.max(64), "decoding allocated {largest} bytes, the frame bounds it to {bound}");
 
     // Decoding into a reused buffer gives the same answer and leaves it empty on errors.
     let mut scratch = b"previous contents".to_vec();
@@ -100,22 +93,12 @@ fuzz_target!(|data: &[u8]| {
         Ok(()) => assert_eq!(Ok(&scratch), decoded.as_ref()),
         Err(e) => {
             assert_eq!(Err(e), decoded);
-            assert!(
-                scratch.is_empty() || header.is_err(),
-                "a failed decode left {} bytes",
-                scratch.len()
-            );
+            assert!(scratch.is_empty() || header.is_err(), "a failed decode left {} bytes", scratch.len());
         }
     }
 
     // SET ... ENCODING lz4 accepts exactly the frames that decode.
-    let entry = Entry::from_value(
-        data,
-        Storage::Verbatim(Encoding::Lz4),
-        NO_DEADLINE,
-        0,
-        TagList::EMPTY,
-    );
+    let entry = Entry::from_value(data, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY);
     assert_eq!(entry.is_ok(), decoded.is_ok());
     if let Ok(e) = entry {
         assert_eq!(&*e.value().unwrap(), &decoded.unwrap()[..]);

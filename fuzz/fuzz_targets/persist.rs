@@ -108,10 +108,7 @@ fn check_invariants(e: &Entry) -> bool {
     }
     let epochs: Vec<u64> = e.tags().with_epochs().map(|(ep, _)| ep).collect();
     let dead = epochs.iter().all(|&ep| ep == DEAD) && !epochs.is_empty();
-    assert!(
-        dead || epochs.iter().all(|&ep| ep == PENDING),
-        "mixed epochs {epochs:?}"
-    );
+    assert!(dead || epochs.iter().all(|&ep| ep == PENDING), "mixed epochs {epochs:?}");
     dead
 }
 
@@ -137,7 +134,6 @@ fuzz_target!(|data: &[u8]| {
     // And through the typed field stream the unit tests use.
     let mut fields: Vec<Field> = Vec::new();
     save(&entry, invalidated, &mut fields);
-    let back = load(&mut fields.into_iter(), ENCODING_VERSION)
-        .expect("a saved entry must load from fields");
+    let back = load(&mut fields.into_iter(), ENCODING_VERSION).expect("a saved entry must load from fields");
     assert_eq!(back, entry);
 });

@@ -4,8 +4,8 @@ use std::cell::RefCell;
 use std::os::raw::c_int;
 
 use tiercache_core::args::{parse_get, parse_set, Compression, GetArgs, LeaseArgs};
-use tiercache_core::lease::Acquire;
 use tiercache_core::entry::Storage;
+use tiercache_core::lease::Acquire;
 use tiercache_core::lz4::MAX_ORIGINAL_LEN;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
 use tiercache_core::tags::TagList;
@@ -16,8 +16,8 @@ use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
-use crate::reply::{self, Value};
 use crate::leases;
+use crate::reply::{self, Value};
 use crate::stats;
 use crate::tagindex;
 
@@ -59,11 +59,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
     // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
-    let max_value = if replayed(ctx) {
-        MAX_ORIGINAL_LEN
-    } else {
-        MAX_VALUE_SIZE.get() as usize
-    };
+    let max_value = if replayed(ctx) { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
     match storage.decoded_len(bytes(args[2])) {
         Ok(n) if n > max_value => {
             return reply::error(
@@ -77,9 +73,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // Attaching the entry to a tag needs write permission on the tag (see acl.rs); the key itself was
     // checked by Redis from the command's key spec.
     if !parsed.tags.is_empty() {
-        let tag_args = parsed
-            .tags_at
-            .and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
+        let tag_args = parsed.tags_at.and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
         let checked = match tag_args {
             Some(tag_args) => acl::check(ctx, tag_args, Access::Write).map(drop),
             None => acl::check_bytes(ctx, &parsed.tags, Access::Write),
@@ -99,11 +93,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         return reply::wrong_type(ctx);
     }
     let db = tagindex::selected_db(ctx);
-    let (expire_at, key_ttl) = if parsed.keep_ttl {
-        (key.expire_at(), KeyTtl::Keep)
-    } else {
-        (deadlines.expire_at, KeyTtl::Stale(parsed.stale_ms))
-    };
+    let (expire_at, key_ttl) =
+        if parsed.keep_ttl { (key.expire_at(), KeyTtl::Keep) } else { (deadlines.expire_at, KeyTtl::Stale(parsed.stale_ms)) };
     // The stored bytes are the value argument itself unless this SET compressed it.
     let unchanged = !(matches!(storage, Storage::Auto { .. }) && entry.encoding() == Encoding::Lz4);
     // The numtags and tag arguments themselves, when the entry kept every tag (no repeats).
@@ -145,7 +136,12 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     effect.replicate();
     // SAFETY: live command context and key name; the event name is a C string.
     unsafe {
-        api!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_MODULE, c"tiercache.set".as_ptr(), args[1]);
+        api!(RedisModule_NotifyKeyspaceEvent)(
+            ctx,
+            redis_module::raw::REDISMODULE_NOTIFY_MODULE,
+            c"tiercache.set".as_ptr(),
+            args[1],
+        );
     }
     stats::SETS.bump();
     reply::ok(ctx)

@@ -46,7 +46,9 @@ pub fn del(ctx: Ctx, args: &[RStr]) -> c_int {
             drop(key);
             deleted += 1;
             // SAFETY: live command context and key name.
-            unsafe { api!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name) };
+            unsafe {
+                api!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name)
+            };
         }
     }
     if deleted > 0 {

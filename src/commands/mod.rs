@@ -153,7 +153,9 @@ pub fn register(ctx: Ctx) -> bool {
             _ => (1, 1, 1),
         };
         // SAFETY: OnLoad context; the name and flags are C strings; the handler is a valid extern fn.
-        let rc = unsafe { api!(RedisModule_CreateCommand)(ctx, cmd.name.as_ptr(), Some(cmd.handler), cmd.flags.as_ptr(), first, last, step) };
+        let rc = unsafe {
+            api!(RedisModule_CreateCommand)(ctx, cmd.name.as_ptr(), Some(cmd.handler), cmd.flags.as_ptr(), first, last, step)
+        };
         if rc != OK || !set_info(ctx, &cmd) {
             log(ctx, "warning", &format!("tiercache: cannot register {}", cmd.name.to_string_lossy()));
             return false;

@@ -64,39 +64,38 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 30] =
-    [
-        "entries",
-        "compressed_entries",
-        "bytes_original",
-        "bytes_stored",
-        "hits",
-        "misses",
-        "sets",
-        "tags",
-        "tag_index_entries",
-        "index_longest_op_us",
-        "index_longest_op_steps",
-        "invalidations",
-        "invalidation_messages",
-        "reclaim_pending",
-        "reclaimed",
-        "reclaim_ticks",
-        "reclaim_max_tick_us",
-        "stale_served",
-        "leases",
-        "lease_waiters",
-        "lease_timers",
-        "leases_granted",
-        "waiters_parked",
-        "waiters_woken",
-        "wait_timeouts",
-        "handoffs",
-        "lease_timeouts",
-        "passes",
-        "fenced",
-        "early_refreshes",
-    ];
+pub const STATS_FIELDS: [&str; 30] = [
+    "entries",
+    "compressed_entries",
+    "bytes_original",
+    "bytes_stored",
+    "hits",
+    "misses",
+    "sets",
+    "tags",
+    "tag_index_entries",
+    "index_longest_op_us",
+    "index_longest_op_steps",
+    "invalidations",
+    "invalidation_messages",
+    "reclaim_pending",
+    "reclaimed",
+    "reclaim_ticks",
+    "reclaim_max_tick_us",
+    "stale_served",
+    "leases",
+    "lease_waiters",
+    "lease_timers",
+    "leases_granted",
+    "waiters_parked",
+    "waiters_woken",
+    "wait_timeouts",
+    "handoffs",
+    "lease_timeouts",
+    "passes",
+    "fenced",
+    "early_refreshes",
+];
 
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
 
@@ -351,10 +350,7 @@ impl Server {
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
-                return Err(format!(
-                    "redis-server exited with {status} (args {args:?}); log:\n{}",
-                    self.log()
-                ));
+                return Err(format!("redis-server exited with {status} (args {args:?}); log:\n{}", self.log()));
             }
             if self.ping() {
                 return Ok(());
@@ -720,11 +716,7 @@ pub fn cmd_text(c: &redis::Cmd) -> String {
         if let redis::Arg::Simple(b) = a {
             if b.len() > 60 {
                 // Cut the bytes, not the text: a lossy conversion of binary data has multi-byte characters.
-                parts.push(format!(
-                    "{}...({} bytes)",
-                    String::from_utf8_lossy(&b[..40]),
-                    b.len()
-                ));
+                parts.push(format!("{}...({} bytes)", String::from_utf8_lossy(&b[..40]), b.len()));
             } else {
                 parts.push(String::from_utf8_lossy(b).into_owned());
             }
@@ -955,8 +947,20 @@ pub fn assert_near(a: i64, b: i64, tol: i64, what: &str) {
 /// Keys written by `populate`, as (db, key).
 pub fn fixture_keys() -> Vec<(i64, Vec<u8>)> {
     let mut v: Vec<(i64, Vec<u8>)> = [
-        "plain", "ttl", "lz4", "client_lz4", "empty", "nocomp", "stale", "persisted", "kept", "natexp", "renamed",
-        "over", "created0", "exat",
+        "plain",
+        "ttl",
+        "lz4",
+        "client_lz4",
+        "empty",
+        "nocomp",
+        "stale",
+        "persisted",
+        "kept",
+        "natexp",
+        "renamed",
+        "over",
+        "created0",
+        "exat",
     ]
     .iter()
     .map(|k| (0, k.as_bytes().to_vec()))
@@ -1082,7 +1086,6 @@ pub fn check_fixture(snap: &[Snap]) {
     assert_eq!(get("exat").meta.expire_at_ms, get("exat").meta.fresh_until_ms + 60_000);
     assert_eq!(get("created0").meta.created_ms, 0);
 }
-
 
 /// Compares two snapshots of the fixture taken at about the same time (e.g. master and replica).
 pub fn compare_snapshots(a: &[Snap], b: &[Snap], what: &str) {

@@ -334,8 +334,14 @@ async fn load_profile(db: &Db, counters: &Counters, user: i32) -> Result<Profile
             p.country = r.get(2);
             p.version = r.get(3);
         }
-        let o =
-            OrderSummary { id: r.get(4), status: r.get(5), created_at: r.get(6), lines: r.get(7), units: r.get(8), total_cents: r.get(9) };
+        let o = OrderSummary {
+            id: r.get(4),
+            status: r.get(5),
+            created_at: r.get(6),
+            lines: r.get(7),
+            units: r.get(8),
+            total_cents: r.get(9),
+        };
         p.lifetime_cents += o.total_cents;
         p.orders.push(o);
     }
@@ -441,14 +447,25 @@ async fn read(layer: &mut Layer, db: &Arc<Db>, shared: &Arc<Shared>, user: i32) 
             }
             let p = load_profile(db, &shared.counters, user).await.map_err(ReadError::Db)?;
             let bytes = p.to_bytes().map_err(ReadError::Cache)?;
-            redis::cmd("SET").arg(&key).arg(bytes).arg("EX").arg(shared.ttl).query_async::<()>(conn).await.map_err(ReadError::Redis)?;
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(bytes)
+                .arg("EX")
+                .arg(shared.ttl)
+                .query_async::<()>(conn)
+                .await
+                .map_err(ReadError::Redis)?;
             Ok(p)
         }
         Layer::Tier(cache) | Layer::TierDelete(cache) => {
             let opts = Opts::default().ttl(Duration::from_secs(shared.ttl)).tag(format!("user:{user}"));
             let (db, shared) = (db.clone(), shared.clone());
             cache
-                .get_or_load(&format!("profile:{user}"), &opts, move || async move { load_profile(&db, &shared.counters, user).await })
+                .get_or_load(
+                    &format!("profile:{user}"),
+                    &opts,
+                    move || async move { load_profile(&db, &shared.counters, user).await },
+                )
                 .await
                 .map_err(|e| match e {
                     tiercache_client::Error::Load(e) => ReadError::Db(e),
@@ -524,7 +541,8 @@ async fn run_task(
                 reads += 1;
                 if (p.version as u64) < floor {
                     // Since the last commit of the user: a lower bound when a newer update came meanwhile.
-                    let age = (shared.origin.elapsed().as_nanos() as u64).saturating_sub(shared.committed_at[user as usize].load(SeqCst));
+                    let age = (shared.origin.elapsed().as_nanos() as u64)
+                        .saturating_sub(shared.committed_at[user as usize].load(SeqCst));
                     shared.max_stale_ns.fetch_max(age, Relaxed);
                     if shared.stale.fetch_add(1, Relaxed) < 5 {
                         eprintln!(
@@ -607,7 +625,16 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
     for (t, db) in dbs.into_iter().enumerate() {
         let layer = layers[t % layers.len()].clone();
         let seed = a.seed.wrapping_mul(0x1000_0001).wrapping_add(t as u64);
-        handles.push(tokio::spawn(run_task(layer, db, shared.clone(), zipf.clone(), seed, a.update_pct / 100.0, start, deadline)));
+        handles.push(tokio::spawn(run_task(
+            layer,
+            db,
+            shared.clone(),
+            zipf.clone(),
+            seed,
+            a.update_pct / 100.0,
+            start,
+            deadline,
+        )));
     }
     let mut hist = Hist::new();
     let (mut reads, mut updates) = (0, 0);

@@ -11,11 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("local addr").port()
 }
 
 /// A fresh directory, removed on drop (kept with TIERCACHE_KEEP_DIRS=1).
@@ -24,10 +20,7 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(what: &str) -> TempDir {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let dir = std::env::temp_dir().join(format!(
             "tiercache-{what}-{}-{}-{nanos}",
             std::process::id(),
@@ -66,11 +59,7 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            name: name.to_string(),
-            child,
-            log,
-        }
+        Proc { name: name.to_string(), child, log }
     }
 
     pub fn log_text(&self) -> String {
@@ -115,19 +104,12 @@ pub fn bin() -> &'static str {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("repo root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo root").to_path_buf()
 }
 
 /// `tiercache <args>` with its log in `dir`.
 pub fn tiercache(dir: &TempDir, name: &str, args: &[&str]) -> Proc {
-    Proc::spawn(
-        name,
-        Command::new(bin()).args(args),
-        dir.path().join(format!("{name}.log")),
-    )
+    Proc::spawn(name, Command::new(bin()).args(args), dir.path().join(format!("{name}.log")))
 }
 
 /// varnishd in the foreground on a free loopback port, with monitoring/varnish.vcl pointed at
@@ -139,11 +121,11 @@ pub struct Varnish {
 
 impl Varnish {
     pub async fn start(dir: &TempDir, origin_port: u16) -> Varnish {
-        let vcl = std::fs::read_to_string(repo_root().join("monitoring/varnish.vcl"))
-            .expect("read varnish.vcl");
+        let vcl = std::fs::read_to_string(repo_root().join("monitoring/varnish.vcl")).expect("read varnish.vcl");
         let block = "backend default {\n    .host = \"127.0.0.1\";\n    .port = \"8080\";\n}";
         assert!(vcl.contains(block), "varnish.vcl lost its backend block");
-        let vcl = vcl.replace(block, &format!("backend default {{\n    .host = \"127.0.0.1\";\n    .port = \"{origin_port}\";\n}}"));
+        let vcl =
+            vcl.replace(block, &format!("backend default {{\n    .host = \"127.0.0.1\";\n    .port = \"{origin_port}\";\n}}"));
         let vcl_path = dir.path().join("varnish.vcl");
         std::fs::write(&vcl_path, vcl).expect("write vcl");
         let varnishd = std::env::var("VARNISHD").unwrap_or_else(|_| "varnishd".into());
@@ -202,10 +184,7 @@ pub struct Seen {
 
 impl Seen {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -233,38 +212,29 @@ impl Recorder {
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let respond = Arc::new(respond);
         let s = seen.clone();
-        let app = axum::Router::new().fallback(
-            move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-                let s = s.clone();
-                let respond = respond.clone();
-                async move {
-                    let req = Seen {
-                        method: method.to_string(),
-                        path: uri.path().to_string(),
-                        headers: headers
-                            .iter()
-                            .map(|(k, v)| {
-                                (
-                                    k.to_string(),
-                                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                                )
-                            })
-                            .collect(),
-                        body: body.to_vec(),
-                    };
-                    let n = {
-                        let mut g = s.lock().unwrap();
-                        g.push(req.clone());
-                        g.len() - 1
-                    };
-                    let (status, body) = respond(&req, n);
-                    (StatusCode::from_u16(status).unwrap(), body)
-                }
-            },
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let s = s.clone();
+            let respond = respond.clone();
+            async move {
+                let req = Seen {
+                    method: method.to_string(),
+                    path: uri.path().to_string(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                        .collect(),
+                    body: body.to_vec(),
+                };
+                let n = {
+                    let mut g = s.lock().unwrap();
+                    g.push(req.clone());
+                    g.len() - 1
+                };
+                let (status, body) = respond(&req, n);
+                (StatusCode::from_u16(status).unwrap(), body)
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().unwrap().port();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -288,19 +258,12 @@ pub async fn wait_subscribers(conn: &mut crate::common::Conn, n: i64, purger: &m
         let mut c = redis::cmd("PUBSUB");
         c.arg("NUMSUB").arg("tiercache:invalidations");
         let v = conn.run(&c);
-        let count = crate::common::as_list(&v)
-            .and_then(|l| l.get(1))
-            .and_then(crate::common::as_int)
-            .unwrap_or(0);
+        let count = crate::common::as_list(&v).and_then(|l| l.get(1)).and_then(crate::common::as_int).unwrap_or(0);
         if count >= n {
             return;
         }
         purger.assert_running();
-        assert!(
-            Instant::now() < end,
-            "purger did not subscribe:\n{}",
-            purger.log_text()
-        );
+        assert!(Instant::now() < end, "purger did not subscribe:\n{}", purger.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -352,10 +315,7 @@ impl Prometheus {
                 Command::new(&bin).args([
                     &format!("--config.file={}", config.display()),
                     &format!("--web.listen-address=127.0.0.1:{port}"),
-                    &format!(
-                        "--storage.tsdb.path={}",
-                        dir.path().join(format!("tsdb-{attempt}")).display()
-                    ),
+                    &format!("--storage.tsdb.path={}", dir.path().join(format!("tsdb-{attempt}")).display()),
                     "--log.level=warn",
                 ]),
                 dir.path().join(format!("prometheus-{attempt}.log")),
@@ -395,17 +355,8 @@ impl Prometheus {
     pub async fn query(&self, promql: &str) -> Vec<serde_json::Value> {
         let q: String = promql
             .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
+            .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
             .collect();
-        self.api(&format!("query?query={q}")).await["result"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        self.api(&format!("query?query={q}")).await["result"].as_array().cloned().unwrap_or_default()
     }
 }

@@ -44,4 +44,3 @@ impl Zipf {
         self.cdf[rank] - if rank == 0 { 0.0 } else { self.cdf[rank - 1] }
     }
 }
-
