@@ -127,7 +127,7 @@ fn find(name: &[u8]) -> Option<&'static Numeric> {
 /// Applies loadmodule arguments (`name value` pairs), registers every config and loads the values
 /// given in redis.conf or on the command line. Returns false (module refuses to load) on any error.
 pub fn register(ctx: Ctx, args: &[RStr]) -> bool {
-    if args.len() % 2 != 0 {
+    if !args.len().is_multiple_of(2) {
         log(ctx, "warning", "tiercache: module arguments must be name value pairs, e.g. max-tags 16");
         return false;
     }

@@ -124,7 +124,7 @@ fn main() {
             let mut n = 0u32;
             while Instant::now() < until {
                 n = n.wrapping_add(1);
-                if n % 256 == 0 && stop.as_ref().is_some_and(|f| f.exists()) {
+                if n.is_multiple_of(256) && stop.as_ref().is_some_and(|f| f.exists()) {
                     break;
                 }
                 let t = Instant::now();
@@ -163,7 +163,7 @@ fn main() {
             let n: usize = args[3].parse().expect("n");
             let prefix = &args[4];
             let tags = &args[5..];
-            let value = vec![b'v'; 100];
+            let value = [b'v'; 100];
             let mut i = 0;
             while i < n {
                 let mut p = redis::pipe();

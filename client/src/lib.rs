@@ -601,7 +601,7 @@ impl TierCache {
             (b"PASS", _, _) => {
                 // The loader that held the lease said the value is not to be cached: load, keep nothing.
                 metrics::bump(&i.metrics.l2_misses);
-                self.run_loader_inner(full, opts, loader, None, epoch, false, false).await
+                self.run_loader_inner(full, opts, loader, None, epoch, LoadFor::Passed).await
             }
             _ => {
                 // BUSY at the wait deadline: load without caching rather than fail.
@@ -622,7 +622,7 @@ impl TierCache {
         tokio::spawn(async move {
             let ticket = me.inner.ticket(&full, &opts);
             // A failure counts as a fail-safe serve: the stale value already served stands in for it.
-            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, true, true).await;
+            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, LoadFor::BackgroundRefresh).await;
         });
     }
 
@@ -639,12 +639,12 @@ impl TierCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run_loader_inner(full, opts, loader, lease, epoch, false, true).await
+        self.run_loader_inner(full, opts, loader, lease, epoch, LoadFor::Caller).await
     }
 
     /// Runs `loader`; with a lease, then stores its value in Redis (`SET ... LEASE`) and L1, or gives
     /// the lease back (on the lease's own connection) if it failed. Without one (Redis down, `BUSY`),
-    /// the value goes to L1 only, and after `PASS` (`keep_l1` false) nowhere.
+    /// the value goes to L1 only, and after `PASS` ([`LoadFor::Passed`]) nowhere.
     async fn run_loader_inner<T, E, F, Fut>(
         &self,
         full: &str,
@@ -652,8 +652,7 @@ impl TierCache {
         loader: F,
         lease: Option<Lease>,
         epoch: Ticket,
-        served_stale: bool,
-        keep_l1: bool,
+        load_for: LoadFor,
     ) -> Result<T, Error<E>>
     where
         T: CacheValue,
@@ -672,7 +671,7 @@ impl TierCache {
                         i.pool_put(lease.conn);
                     }
                 }
-                if served_stale {
+                if load_for == LoadFor::BackgroundRefresh {
                     // A background refresh: the caller already has the stale value, which is the one
                     // fail-safe serve; nobody receives a value from here, so count nothing more.
                     metrics::bump(&i.metrics.fail_safe);
@@ -691,7 +690,7 @@ impl TierCache {
         let raw = encode(&v).map_err(Error::Codec)?;
         let Some(mut lease) = lease else {
             // Degraded or BUSY: keep L1 useful, but never past an invalidation seen meanwhile.
-            if keep_l1 {
+            if load_for != LoadFor::Passed {
                 i.l1_put(full, raw.into(), opts, epoch);
             }
             return Ok(v);
@@ -1136,4 +1135,15 @@ fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::Unbo
             }
         }
     });
+}
+
+/// Who a load is for, which decides what happens to its value and to a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadFor {
+    /// A caller waiting for the value.
+    Caller,
+    /// A background refresh of a stale entry already served: a failure is that serve's fail-safe.
+    BackgroundRefresh,
+    /// A caller answered `PASS`: the value is uncacheable, so it is kept nowhere, not even in L1.
+    Passed,
 }

@@ -7,7 +7,6 @@
 //!
 //! Run with `--nocapture` to see the measured propagation delays.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

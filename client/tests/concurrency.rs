@@ -1,6 +1,5 @@
 //! Concurrent reads in one process: local single-flight, and concurrent misses of distinct keys.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

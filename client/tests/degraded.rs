@@ -1,7 +1,6 @@
 //! Redis killed mid-test: calls keep succeeding through the loader, L1 keeps serving, and once Redis is
 //! back on the same port, L2 and the invalidations are used again.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

@@ -1,6 +1,5 @@
 //! Fail-safe (stale on loader failure), client-side compression, namespaces and schema versions.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

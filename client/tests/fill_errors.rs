@@ -2,7 +2,6 @@
 //! is counted in `fill_errors`, logged through `tracing` at warn level, and the loaded value is still
 //! returned; the lease is released with PASS, so a reader parked on it loads for itself at once.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

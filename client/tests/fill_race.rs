@@ -1,7 +1,6 @@
 //! Fill/invalidate races: a loader is paused while another instance invalidates the entry's tag, writes
 //! or deletes the key. The value the paused loader read must not be served afterwards from any tier.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

@@ -3,7 +3,6 @@
 //! release has been answered: neither the pool's size limit nor a failure of the main connection may
 //! drop it first. A lease lost that way makes the fill FENCED and the value loaded twice.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

@@ -1,6 +1,5 @@
 //! The Prometheus text exposition: every counter (as `<name>_total`) and every gauge, with its value.
 
-#[allow(dead_code)]
 #[path = "../../tests/common/mod.rs"]
 mod common;
 

@@ -69,7 +69,7 @@ async fn l1_deadline_follows_the_server_and_jitter_spreads_ttls() {
     let mut ttls = Vec::new();
     for n in 0..20 {
         jittery.set(&format!("k{n}"), &n, &Opts::default().ttl(Duration::from_secs(100))).await.unwrap();
-        ttls.push(conn.int(&redis::cmd("PTTL").arg(jittery.redis_key(&format!("k{n}")))));
+        ttls.push(conn.int(redis::cmd("PTTL").arg(jittery.redis_key(&format!("k{n}")))));
     }
     assert!(ttls.iter().all(|&t| (50_000..=100_000).contains(&t)), "{ttls:?}");
     assert!(ttls.iter().max().unwrap() - ttls.iter().min().unwrap() > 5_000, "spread: {ttls:?}");
@@ -90,7 +90,7 @@ async fn messagepack_by_default_raw_bytes_verbatim() {
     let user = User { id: 7, name: "Ada".into() };
     c.set("u", &user, &Opts::default()).await.unwrap();
     let mut conn = server.conn();
-    let stored = conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("u"))).expect("stored");
+    let stored = conn.bytes(redis::cmd("TIERCACHE.GET").arg(c.redis_key("u"))).expect("stored");
     let v = rmpv::decode::read_value(&mut &stored[..]).unwrap();
     let map = v.as_map().expect("a MessagePack map");
     let names: Vec<&str> = map.iter().filter_map(|(k, _)| k.as_str()).collect();
@@ -99,11 +99,11 @@ async fn messagepack_by_default_raw_bytes_verbatim() {
 
     let bytes = b"\x00\xffalready-encoded".to_vec();
     c.set("r", &tiercache_client::Raw(bytes.clone()), &Opts::default()).await.unwrap();
-    assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r"))).unwrap(), bytes);
+    assert_eq!(conn.bytes(redis::cmd("TIERCACHE.GET").arg(c.redis_key("r"))).unwrap(), bytes);
     let loaded: tiercache_client::Raw = c
         .get_or_load("r2", &Opts::default(), || async { Ok::<_, std::io::Error>(tiercache_client::Raw(b"xyz".to_vec())) })
         .await
         .unwrap();
     assert_eq!(loaded.0, b"xyz");
-    assert_eq!(conn.bytes(&redis::cmd("TIERCACHE.GET").arg(c.redis_key("r2"))).unwrap(), b"xyz");
+    assert_eq!(conn.bytes(redis::cmd("TIERCACHE.GET").arg(c.redis_key("r2"))).unwrap(), b"xyz");
 }
