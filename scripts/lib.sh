@@ -34,6 +34,19 @@ tc_ensure_cargo() {
     fi
 }
 
+# rustfmt and clippy, which scripts/test runs as checks: added with rustup when missing.
+tc_ensure_rust_lints() {
+    if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+        return 0
+    fi
+    if command -v rustup >/dev/null 2>&1; then
+        tc_log "adding the rustfmt and clippy components with rustup"
+        rustup component add rustfmt clippy
+    fi
+    cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1 ||
+        tc_die "cargo fmt and cargo clippy are needed: rustup component add rustfmt clippy"
+}
+
 # Is the clang shared library that bindgen loads (through clang-sys) present?
 tc_have_libclang() {
     local f
