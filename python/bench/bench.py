@@ -54,7 +54,7 @@ def start_server(module: Path) -> Tuple[subprocess.Popen[bytes], int, str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     for _ in range(300):
         try:
-            if redis.Redis(port=port).ping():
+            if redis.Redis(host="127.0.0.1", port=port).ping():
                 return proc, port, d
         except redis.RedisError:
             time.sleep(0.05)
@@ -73,7 +73,7 @@ def best_ns(fn: Callable[[], Any], n: int, rounds: int) -> float:
 
 
 def bench_l1(port: int, n: int, rounds: int) -> List[Tuple[str, float]]:
-    cache = TierCache(redis.Redis(port=port), namespace="bench", registry=None, l1_ttl=3600)
+    cache = TierCache(redis.Redis(host="127.0.0.1", port=port), namespace="bench", registry=None, l1_ttl=3600)
     value = {"id": 42, "name": "Ada Lovelace", "email": "ada@example.com", "active": True}
     cache.set("user:42", value, ttl=3600)
     d = {"user:42": value}
@@ -108,8 +108,8 @@ def bench_l1(port: int, n: int, rounds: int) -> List[Tuple[str, float]]:
 
 
 def bench_l2(port: int, n: int, rounds: int) -> List[Tuple[str, List[float]]]:
-    r = redis.Redis(port=port)
-    cache = TierCache(redis.Redis(port=port), namespace="bench", registry=None, l1_max_bytes=0)
+    r = redis.Redis(host="127.0.0.1", port=port)
+    cache = TierCache(redis.Redis(host="127.0.0.1", port=port), namespace="bench", registry=None, l1_max_bytes=0)
     value = {"id": 42, "name": "Ada Lovelace", "email": "ada@example.com", "active": True}
     cache.set("l2", value, ttl=3600)
     raw = r.execute_command("TIERCACHE.GET", "bench:v1:l2")
@@ -131,8 +131,8 @@ def bench_l2(port: int, n: int, rounds: int) -> List[Tuple[str, List[float]]]:
 
 
 def _stampede_proc(port: int, key: str, threads: int, barrier: Any, out: Any) -> None:
-    cache = TierCache(redis.Redis(port=port), namespace="bench", registry=None, wait_timeout=10)
-    counter = redis.Redis(port=port)
+    cache = TierCache(redis.Redis(host="127.0.0.1", port=port), namespace="bench", registry=None, wait_timeout=10)
+    counter = redis.Redis(host="127.0.0.1", port=port)
 
     def load() -> Dict[str, Any]:
         counter.incr("bench:loads:" + key)
@@ -162,7 +162,7 @@ def _stampede_proc(port: int, key: str, threads: int, barrier: Any, out: Any) ->
 
 def bench_stampede(port: int, bursts: int, procs: int = 4, threads: int = 50) -> List[Dict[str, Any]]:
     ctx = mp.get_context("spawn")
-    r = redis.Redis(port=port)
+    r = redis.Redis(host="127.0.0.1", port=port)
     rows = []
     for b in range(bursts):
         key = f"stampede:{b}"

@@ -67,7 +67,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited: {(self.dir / 'redis.log').read_text()[-2000:]}")
             try:
-                if redis.Redis(port=self.port, socket_connect_timeout=0.5).ping():
+                if redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5).ping():
                     return self
             except redis.RedisError:
                 time.sleep(0.05)

@@ -20,7 +20,7 @@ def run(coro: Any) -> Any:
 def acache(server, protocol, **kw) -> AsyncTierCache:
     kw.setdefault("namespace", "t")
     kw.setdefault("registry", None)
-    return AsyncTierCache(redis.asyncio.Redis(port=server.port, protocol=protocol), **kw)
+    return AsyncTierCache(redis.asyncio.Redis(host="127.0.0.1", port=server.port, protocol=protocol), **kw)
 
 
 async def until(cond, timeout=5.0, what="condition"):

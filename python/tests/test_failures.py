@@ -28,7 +28,7 @@ def test_fail_safe_serves_the_expired_l1_copy(start_server, protocol):
     from tiercache import TierCache
 
     srv = start_server()
-    c = TierCache(redis_py.Redis(port=srv.port, protocol=protocol), namespace="t", registry=None,
+    c = TierCache(redis_py.Redis(host="127.0.0.1", port=srv.port, protocol=protocol), namespace="t", registry=None,
                   l1_ttl=0.05, op_timeout=0.2)
     try:
         assert c.get_or_load("k", lambda: "v1", ttl=60) == "v1"
@@ -69,7 +69,7 @@ def test_redis_down_degrades_to_the_loader_then_resumes(start_server, protocol):
 
     srv = start_server()
     port = srv.port
-    c = TierCache(redis_py.Redis(port=port, protocol=protocol), namespace="t", registry=None,
+    c = TierCache(redis_py.Redis(host="127.0.0.1", port=port, protocol=protocol), namespace="t", registry=None,
                   op_timeout=0.2, breaker_failures=2, breaker_cooldown=0.3)
     try:
         c.set("k", "cached")
@@ -111,7 +111,7 @@ def test_starts_degraded_when_redis_is_down(protocol):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    c = TierCache(redis_py.Redis(port=port, protocol=protocol), registry=None, op_timeout=0.1, breaker_cooldown=60)
+    c = TierCache(redis_py.Redis(host="127.0.0.1", port=port, protocol=protocol), registry=None, op_timeout=0.1, breaker_cooldown=60)
     try:
         assert c.get_or_load("k", lambda: 1) == 1
         assert c.get("k") == 1  # kept in L1 while degraded
@@ -155,10 +155,10 @@ def test_a_silent_server_is_noticed_by_ping(start_server, protocol):
     from tiercache import AsyncTierCache, TierCache
 
     srv = start_server()
-    c = TierCache(redis_py.Redis(port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
+    c = TierCache(redis_py.Redis(host="127.0.0.1", port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
 
     async def main():
-        a = AsyncTierCache(redis.asyncio.Redis(port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
+        a = AsyncTierCache(redis.asyncio.Redis(host="127.0.0.1", port=srv.port, protocol=protocol), registry=None, ping_interval=0.05)
         assert await a.connect()
         srv.client().execute_command("CLIENT", "PAUSE", 20000, "ALL")  # the server is stopped after the test
         deadline = time.monotonic() + 15

@@ -44,8 +44,8 @@ def test_local_single_flight(make_cache, r):
 
 
 def _stampede_worker(port, protocol, threads, barrier, results):
-    cache = TierCache(redis.Redis(port=port, protocol=protocol), namespace="st", registry=None, wait_timeout=10)
-    counter = redis.Redis(port=port)
+    cache = TierCache(redis.Redis(host="127.0.0.1", port=port, protocol=protocol), namespace="st", registry=None, wait_timeout=10)
+    counter = redis.Redis(host="127.0.0.1", port=port)
 
     def load():
         counter.incr("st:loads")
