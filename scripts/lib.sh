@@ -97,20 +97,21 @@ tc_missing_packages() {
     fi
 }
 
-# Installs missing system packages with apt-get when root; otherwise prints the command and exits 1.
-# $1 as for tc_missing_packages.
-tc_ensure_system_deps() {
+# Installs the Debian packages that LISTER names (a function printing one missing package per line,
+# given ARG) with apt-get when root; otherwise prints the sudo line and exits 1. WHAT says what for.
+tc_apt_ensure() { # WHAT LISTER [ARG]
+    local what="$1" lister="$2" arg="${3:-}"
     local -a missing
-    mapfile -t missing < <(tc_missing_packages "${1:-}" | awk '!seen[$0]++')
+    mapfile -t missing < <("$lister" "$arg" | awk '!seen[$0]++')
     if ((${#missing[@]} == 0)); then
         return 0
     fi
     if ! command -v apt-get >/dev/null 2>&1; then
-        tc_die "missing: ${missing[*]} (Debian package names). This script installs them only with apt-get;
-install the equivalents with your package manager (redis-server must be >= 7.0) and run it again."
+        tc_die "missing for $what: ${missing[*]} (Debian package names). This script installs them only with
+apt-get; install the equivalents with your package manager (redis-server must be >= 7.0) and run it again."
     fi
     if [[ "$(id -u)" != 0 ]]; then
-        tc_die "missing system packages: ${missing[*]}. Install them with:
+        tc_die "missing system packages for $what: ${missing[*]}. Install them with:
     sudo apt-get update && sudo apt-get install -y ${missing[*]}
 then run this script again."
     fi
@@ -118,11 +119,13 @@ then run this script again."
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
-    local -a still
-    mapfile -t still < <(tc_missing_packages "${1:-}")
-    if ((${#still[@]} > 0)); then
-        tc_die "still missing after apt-get install: ${still[*]}"
-    fi
+    mapfile -t missing < <("$lister" "$arg")
+    ((${#missing[@]} == 0)) || tc_die "still missing after apt-get install: ${missing[*]}"
+}
+
+# The build, the server and (with "python") the test suites' system packages. $1 as for tc_missing_packages.
+tc_ensure_system_deps() {
+    tc_apt_ensure "the build and the tests" tc_missing_packages "${1:-}"
 }
 
 # redis-server must be >= 7.0 (module configs, SetCommandInfo, SetAbsExpire).
@@ -194,24 +197,7 @@ tc_missing_edge_packages() {
 # Installs varnish, varnish-modules and prometheus when missing (apt-get as root; otherwise prints the
 # sudo line and exits 1, like tc_ensure_system_deps).
 tc_ensure_edge_deps() {
-    local -a missing
-    mapfile -t missing < <(tc_missing_edge_packages)
-    if ((${#missing[@]} > 0)); then
-        if ! command -v apt-get >/dev/null 2>&1; then
-            tc_die "missing for the edge and monitoring tests: ${missing[*]} (Debian package names); install the equivalents and run again."
-        fi
-        if [[ "$(id -u)" != 0 ]]; then
-            tc_die "missing system packages for the edge and monitoring tests: ${missing[*]}. Install them with:
-    sudo apt-get update && sudo apt-get install -y ${missing[*]}
-then run this script again."
-        fi
-        tc_log "installing with apt-get: ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
-        mapfile -t missing < <(tc_missing_edge_packages)
-        ((${#missing[@]} == 0)) || tc_die "still missing after apt-get install: ${missing[*]}"
-    fi
+    tc_apt_ensure "the edge and monitoring tests" tc_missing_edge_packages
     # varnishd lives in /usr/sbin, which a non-root PATH may lack.
     if ! command -v varnishd >/dev/null 2>&1 && [[ -x /usr/sbin/varnishd ]]; then
         export VARNISHD=/usr/sbin/varnishd
