@@ -34,7 +34,9 @@ use redis::{AsyncConnectionConfig, PushKind, Value};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tiercache_core::lz4;
 
-pub use metrics::{Metrics, Snapshot};
+pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
+/// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
+pub use prometheus_client;
 
 /// Why a call failed. Redis problems never surface here from `get_or_load`: it falls back to the loader.
 #[derive(Debug)]
@@ -431,6 +433,23 @@ impl TierCache {
         i.metrics.snapshot(i.l1.len() as u64, i.l1.weight(), i.circuit_open())
     }
 
+    /// OpenMetrics text ([`OPENMETRICS_CONTENT_TYPE`]) of every metric of this cache now: the counters
+    /// and gauges of [`TierCache::metrics`], and the histograms `tiercache_client_load_duration_seconds`
+    /// and `tiercache_client_l2_latency_seconds`.
+    pub fn render_prometheus(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.register_metrics(&mut registry);
+        metrics::render(&registry)
+    }
+
+    /// Adds this cache's metrics (those of [`TierCache::render_prometheus`]) to an application's
+    /// registry, read at each scrape. Several caches in one registry need a label each:
+    /// `cache.register_metrics(registry.sub_registry_with_label(("cache".into(), "users".into())))`.
+    /// The registry holds no strong reference: a dropped cache's metrics disappear.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Exposition(Arc::downgrade(&self.inner))));
+    }
+
     /// The Redis key of `key` in this namespace and schema version.
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}{}", self.inner.prefix, key)
@@ -661,7 +680,10 @@ impl TierCache {
     {
         let i = &self.inner;
         metrics::bump(&i.metrics.loads);
-        let v = match loader().await {
+        let started = Instant::now();
+        let loaded = loader().await;
+        i.metrics.load_duration.observe(started.elapsed().as_secs_f64());
+        let v = match loaded {
             Ok(v) => v,
             Err(e) => {
                 metrics::bump(&i.metrics.load_errors);
@@ -703,7 +725,7 @@ impl TierCache {
         // connection, it would come back as an invalidation of the key and evict what L1 just took.
         // The lease's connection is kept open until the reply, so the lease cannot end first.
         let cmd = i.set_cmd(full, &raw, opts, Some(&lease.token));
-        match i.call::<()>(&cmd).await {
+        match i.call_timed::<()>(&cmd, Some(&i.metrics.l2_fill)).await {
             Ok(()) => {
                 i.pool_put(lease.conn);
                 i.l1_put(full, raw.into(), opts, epoch);
@@ -755,14 +777,27 @@ impl Inner {
 
     /// Runs a command on the main connection (reconnecting if needed), with the op timeout.
     async fn call<T: redis::FromRedisValue>(self: &Arc<Self>, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        self.call_timed(cmd, None).await
+    }
+
+    /// [`Inner::call`], observing the round trip (when the command was sent) in `latency`.
+    async fn call_timed<T: redis::FromRedisValue>(
+        self: &Arc<Self>,
+        cmd: &redis::Cmd,
+        latency: Option<&prometheus_client::metrics::histogram::Histogram>,
+    ) -> redis::RedisResult<T> {
         let Some(mut conn) = self.main_conn().await else {
             self.record(false);
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis unreachable")));
         };
+        let started = Instant::now();
         let r = match tokio::time::timeout(self.cfg.op_timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r,
             Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
         };
+        if let Some(h) = latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         let failed = matches!(&r, Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped());
         self.record(!failed);
         if failed {
@@ -894,6 +929,7 @@ impl Inner {
                 }
             }
         };
+        let started = Instant::now();
         let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
             .arg(full)
             .arg("ENCODED")
@@ -904,6 +940,7 @@ impl Inner {
             .arg(self.cfg.wait_timeout.as_millis().max(1) as u64)
             .query_async(&mut conn)
             .await;
+        self.metrics.l2_lease_read.observe(started.elapsed().as_secs_f64());
         match r {
             Ok(v) => {
                 self.record(true);
@@ -1135,6 +1172,18 @@ fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::Unbo
             }
         }
     });
+}
+
+/// Every metric of a cache, read at each scrape.
+#[derive(Debug)]
+struct Exposition(std::sync::Weak<Inner>);
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(i) = self.0.upgrade() else { return Ok(()) };
+        i.metrics.snapshot(i.l1.len() as u64, i.l1.weight(), i.circuit_open()).encode_into(&mut enc)?;
+        i.metrics.encode_histograms(&mut enc)
+    }
 }
 
 /// Who a load is for, which decides what happens to its value and to a failure.
