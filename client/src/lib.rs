@@ -33,8 +33,12 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushKind, Value};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tiercache_core::lz4;
+use tracing::field::Empty;
+use tracing::Instrument;
 
-pub use metrics::{Metrics, Snapshot};
+pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
+/// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
+pub use prometheus_client;
 
 /// Why a call failed. Redis problems never surface here from `get_or_load`: it falls back to the loader.
 #[derive(Debug)]
@@ -431,6 +435,23 @@ impl TierCache {
         i.metrics.snapshot(i.l1.len() as u64, i.l1.weight(), i.circuit_open())
     }
 
+    /// OpenMetrics text ([`OPENMETRICS_CONTENT_TYPE`]) of every metric of this cache now: the counters
+    /// and gauges of [`TierCache::metrics`], and the histograms `tiercache_client_load_duration_seconds`
+    /// and `tiercache_client_l2_latency_seconds`.
+    pub fn render_prometheus(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        self.register_metrics(&mut registry);
+        metrics::render(&registry)
+    }
+
+    /// Adds this cache's metrics (those of [`TierCache::render_prometheus`]) to an application's
+    /// registry, read at each scrape. Several caches in one registry need a label each:
+    /// `cache.register_metrics(registry.sub_registry_with_label(("cache".into(), "users".into())))`.
+    /// The registry holds no strong reference: a dropped cache's metrics disappear.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Exposition(Arc::downgrade(&self.inner))));
+    }
+
     /// The Redis key of `key` in this namespace and schema version.
     pub fn redis_key(&self, key: &str) -> String {
         format!("{}{}", self.inner.prefix, key)
@@ -619,11 +640,15 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let (me, full, opts) = (self.clone(), full.to_owned(), opts.clone());
-        tokio::spawn(async move {
-            let ticket = me.inner.ticket(&full, &opts);
-            // A failure counts as a fail-safe serve: the stale value already served stands in for it.
-            let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, LoadFor::BackgroundRefresh).await;
-        });
+        tokio::spawn(
+            async move {
+                let ticket = me.inner.ticket(&full, &opts);
+                // A failure counts as a fail-safe serve: the stale value already served stands in for it.
+                let _ = me.run_loader_inner(&full, &opts, loader, Some(lease), ticket, LoadFor::BackgroundRefresh).await;
+            }
+            // The refresh's spans belong to the caller's trace, though it ends before them.
+            .in_current_span(),
+        );
     }
 
     async fn run_loader<T, E, F, Fut>(
@@ -661,9 +686,24 @@ impl TierCache {
     {
         let i = &self.inner;
         metrics::bump(&i.metrics.loads);
-        let v = match loader().await {
-            Ok(v) => v,
+        // The loader runs inside this span (its own spans nest under it), and the fill's is its child.
+        let span = tracing::debug_span!(
+            "tiercache.load",
+            key = full,
+            lease = lease.is_some(),
+            refresh = load_for == LoadFor::BackgroundRefresh,
+            outcome = Empty,
+        );
+        let started = Instant::now();
+        let loaded = span.in_scope(loader).instrument(span.clone()).await;
+        i.metrics.load_duration.observe(started.elapsed().as_secs_f64());
+        let v = match loaded {
+            Ok(v) => {
+                span.record("outcome", "ok");
+                v
+            }
             Err(e) => {
+                span.record("outcome", "error");
                 metrics::bump(&i.metrics.load_errors);
                 if let Some(mut lease) = lease {
                     let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).clone();
@@ -680,6 +720,7 @@ impl TierCache {
                 // Fail-safe: a copy past its L1 deadline, but never one a tag or key invalidation killed.
                 if let Some(stale) = i.l1_stale(full) {
                     if let Ok(v) = decode(&stale) {
+                        span.record("outcome", "fail_safe");
                         metrics::bump(&i.metrics.fail_safe);
                         return Ok(v);
                     }
@@ -703,28 +744,35 @@ impl TierCache {
         // connection, it would come back as an invalidation of the key and evict what L1 just took.
         // The lease's connection is kept open until the reply, so the lease cannot end first.
         let cmd = i.set_cmd(full, &raw, opts, Some(&lease.token));
-        match i.call::<()>(&cmd).await {
+        let fill = tracing::debug_span!(parent: &span, "tiercache.fill", key = full, outcome = Empty);
+        match i.call_timed::<()>(&cmd, Some(&i.metrics.l2_fill)).instrument(fill.clone()).await {
             Ok(()) => {
+                fill.record("outcome", "stored");
                 i.pool_put(lease.conn);
                 i.l1_put(full, raw.into(), opts, epoch);
             }
             Err(e) if e.code() == Some("FENCED") => {
                 // The lease is over (handed off or gone): the connection is free again.
+                fill.record("outcome", "fenced");
                 metrics::bump(&i.metrics.fenced);
                 i.pool_put(lease.conn);
             }
             Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
                 // Redis failed (counted in redis_errors): the connection is dropped, which ends the
                 // lease if it is still held.
-                tracing::debug!(key = full, error = %e, "tiercache: fill not stored: Redis failed");
+                fill.record("outcome", "redis_error");
+                fill.in_scope(|| tracing::debug!(key = full, error = %e, "tiercache: fill not stored: Redis failed"));
             }
             Err(e) => {
                 // Refused before the lease check (OOM, too many tags, a read-only replica...): nothing
                 // is stored, the caller still gets its value, and the lease is still held. Give it back
                 // with PASS, so that the readers parked on it load for themselves now rather than each
                 // in turn being handed a lease whose fill is refused the same way.
+                fill.record("outcome", "refused");
                 metrics::bump(&i.metrics.fill_errors);
-                tracing::warn!(key = full, error = %e, "tiercache: fill refused by Redis; value returned but not cached");
+                fill.in_scope(
+                    || tracing::warn!(key = full, error = %e, "tiercache: fill refused by Redis; value returned but not cached"),
+                );
                 let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).arg("PASS").clone();
                 if i.lease_call::<i64>(&mut lease.conn, &cmd).await.is_ok() {
                     i.pool_put(lease.conn);
@@ -743,26 +791,53 @@ impl Inner {
     fn record(&self, ok: bool) {
         if ok {
             self.failures.store(0, Relaxed);
-            *self.open_until.lock() = None;
+            if self.open_until.lock().take().is_some() {
+                tracing::info!(name: "tiercache.resumed", "tiercache: Redis answers again; circuit closed");
+            }
         } else {
             metrics::bump(&self.metrics.redis_errors);
             if self.failures.fetch_add(1, Relaxed) + 1 >= u64::from(self.cfg.breaker_threshold) {
-                *self.open_until.lock() = Some(Instant::now() + self.cfg.breaker_cooldown);
+                let was = self.open_until.lock().replace(Instant::now() + self.cfg.breaker_cooldown);
                 self.failures.store(0, Relaxed);
+                let cooldown_ms = self.cfg.breaker_cooldown.as_millis() as u64;
+                if was.is_none() {
+                    // Once per outage: a probe failing after a cooldown reopens it at debug level.
+                    tracing::warn!(
+                        name: "tiercache.degraded",
+                        failures = self.cfg.breaker_threshold,
+                        cooldown_ms,
+                        "tiercache: Redis failing; circuit open, loads bypass Redis"
+                    );
+                } else {
+                    tracing::debug!(name: "tiercache.degraded", cooldown_ms, "tiercache: Redis still failing; circuit open again");
+                }
             }
         }
     }
 
     /// Runs a command on the main connection (reconnecting if needed), with the op timeout.
     async fn call<T: redis::FromRedisValue>(self: &Arc<Self>, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        self.call_timed(cmd, None).await
+    }
+
+    /// [`Inner::call`], observing the round trip (when the command was sent) in `latency`.
+    async fn call_timed<T: redis::FromRedisValue>(
+        self: &Arc<Self>,
+        cmd: &redis::Cmd,
+        latency: Option<&prometheus_client::metrics::histogram::Histogram>,
+    ) -> redis::RedisResult<T> {
         let Some(mut conn) = self.main_conn().await else {
             self.record(false);
             return Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis unreachable")));
         };
+        let started = Instant::now();
         let r = match tokio::time::timeout(self.cfg.op_timeout, cmd.query_async::<T>(&mut conn)).await {
             Ok(r) => r,
             Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
         };
+        if let Some(h) = latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         let failed = matches!(&r, Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped());
         self.record(!failed);
         if failed {
@@ -874,8 +949,22 @@ impl Inner {
     }
 
     /// `TIERCACHE.GET key ENCODED LEASE ... WAIT ...` on a connection of its own, returned with the
-    /// reply: the caller pools it, or keeps it in a [`Lease`] when the reply carries a token.
+    /// reply: the caller pools it, or keeps it in a [`Lease`] when the reply carries a token. Traced as
+    /// `tiercache.lease_wait`, whose `status` is the reply's (`HIT`, `STALE`, `FILL`, `PASS`, `BUSY`)
+    /// or `error`.
     async fn lease_get(&self, full: &str) -> Option<(Vec<Value>, MultiplexedConnection)> {
+        let span = tracing::debug_span!("tiercache.lease_wait", key = full, status = Empty);
+        let r = self.lease_get_untraced(full).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match r.as_ref().and_then(|(v, _)| bulk(v.first())) {
+                Some(status) => span.record("status", String::from_utf8_lossy(&status).as_ref()),
+                None => span.record("status", "error"),
+            };
+        }
+        r
+    }
+
+    async fn lease_get_untraced(&self, full: &str) -> Option<(Vec<Value>, MultiplexedConnection)> {
         // Take the pooled connection before any await: the pool lock must not live across one.
         let pooled = self.blocking.lock().pop();
         let mut conn = match pooled {
@@ -894,6 +983,7 @@ impl Inner {
                 }
             }
         };
+        let started = Instant::now();
         let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
             .arg(full)
             .arg("ENCODED")
@@ -904,6 +994,7 @@ impl Inner {
             .arg(self.cfg.wait_timeout.as_millis().max(1) as u64)
             .query_async(&mut conn)
             .await;
+        self.metrics.l2_lease_read.observe(started.elapsed().as_secs_f64());
         match r {
             Ok(v) => {
                 self.record(true);
@@ -1075,13 +1166,18 @@ impl Inner {
                 metrics::bump(&self.metrics.invalidations_received);
                 match data.into_iter().next() {
                     Some(Value::Array(keys)) => {
+                        tracing::debug!(name: "tiercache.invalidation", keys = keys.len(), reset = false, "tiercache: keys invalidated");
                         for k in keys {
                             if let Some(k) = bulk(Some(&k)) {
                                 self.drop_key(String::from_utf8_lossy(&k).as_ref());
                             }
                         }
                     }
-                    _ => self.reset_l1(),
+                    _ => {
+                        // A null push: the tracked keys were flushed.
+                        tracing::debug!(name: "tiercache.invalidation", keys = 0, reset = true, "tiercache: flush: L1 dropped");
+                        self.reset_l1();
+                    }
                 }
             }
             PushKind::Message => {
@@ -1091,6 +1187,7 @@ impl Inner {
                 }
                 metrics::bump(&self.metrics.invalidations_received);
                 let Ok(msg) = rmp_serde::from_slice::<Message>(&payload) else {
+                    tracing::debug!(name: "tiercache.invalidation", tags = 0, reset = true, "tiercache: unreadable message: L1 dropped");
                     self.reset_l1();
                     return;
                 };
@@ -1100,6 +1197,13 @@ impl Inner {
                     *last = Some((msg.run_id.clone(), msg.seq));
                     gap
                 };
+                tracing::debug!(
+                    name: "tiercache.invalidation",
+                    tags = msg.tags.len(),
+                    seq = msg.seq,
+                    reset = gap || msg.reset,
+                    "tiercache: invalidation message"
+                );
                 if gap || msg.reset {
                     self.reset_l1();
                 } else {
@@ -1135,6 +1239,18 @@ fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::Unbo
             }
         }
     });
+}
+
+/// Every metric of a cache, read at each scrape.
+#[derive(Debug)]
+struct Exposition(std::sync::Weak<Inner>);
+
+impl prometheus_client::collector::Collector for Exposition {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(i) = self.0.upgrade() else { return Ok(()) };
+        i.metrics.snapshot(i.l1.len() as u64, i.l1.weight(), i.circuit_open()).encode_into(&mut enc)?;
+        i.metrics.encode_histograms(&mut enc)
+    }
 }
 
 /// Who a load is for, which decides what happens to its value and to a failure.

@@ -1,17 +1,61 @@
-//! Counters and gauges of one [`crate::TierCache`], rendered as Prometheus text.
+//! Counters, gauges and histograms of one [`crate::TierCache`], encoded by `prometheus-client`
+//! (OpenMetrics text).
+//!
+//! Counters are `prometheus-client` counters (one relaxed atomic add each: an L1 hit takes no lock);
+//! histograms lock briefly per observation, and are observed only on loads and Redis round trips.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of the text [`Snapshot::to_prometheus`] and [`crate::TierCache::render_prometheus`]
+/// return (OpenMetrics 1.0, which Prometheus scrapes natively).
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Buckets of `tiercache_client_load_duration_seconds`: the Python client's, so that both sum up.
+const LOAD_BUCKETS: [f64; 12] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LOAD_HELP: &str = "Loader call durations, failed calls included.";
+
+/// Buckets of `tiercache_client_l2_latency_seconds`: a Redis round trip is well under a millisecond on
+/// a LAN; a lease read may also wait in Redis (up to `wait_timeout`) for another client's fill.
+const L2_BUCKETS: [f64; 15] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const L2_HELP: &str = "Redis round trips of lease reads (op=lease_read, waiting in Redis included) and fills (op=fill).";
+
+/// Values of the `op` label of `tiercache_client_l2_latency_seconds`.
+const OP_LEASE_READ: &str = "lease_read";
+const OP_FILL: &str = "fill";
 
 macro_rules! counters {
     ($($name:ident: $help:literal,)*) => {
-        /// Live counters (atomics); read them through [`Metrics::snapshot`] or render them.
-        #[derive(Debug, Default)]
+        /// Live counters and histograms; read them through [`crate::TierCache::metrics`] or render them.
+        #[derive(Debug)]
         pub struct Metrics {
-            $(pub(crate) $name: AtomicU64,)*
+            $(pub(crate) $name: Counter,)*
+            /// Loader calls, in seconds.
+            pub(crate) load_duration: Histogram,
+            /// `TIERCACHE.GET ... LEASE` round trips, in seconds.
+            pub(crate) l2_lease_read: Histogram,
+            /// `TIERCACHE.SET ... LEASE` round trips, in seconds.
+            pub(crate) l2_fill: Histogram,
         }
 
-        /// A copy of every counter at one moment.
+        impl Default for Metrics {
+            fn default() -> Self {
+                Metrics {
+                    $($name: Counter::default(),)*
+                    load_duration: Histogram::new(LOAD_BUCKETS),
+                    l2_lease_read: Histogram::new(L2_BUCKETS),
+                    l2_fill: Histogram::new(L2_BUCKETS),
+                }
+            }
+        }
+
+        /// A copy of every counter and gauge at one moment (histograms: see
+        /// [`crate::TierCache::render_prometheus`]).
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct Snapshot {
             $(pub $name: u64,)*
@@ -25,32 +69,68 @@ macro_rules! counters {
 
         impl Metrics {
             pub(crate) fn snapshot(&self, l1_entries: u64, l1_bytes: u64, degraded: bool) -> Snapshot {
-                Snapshot { $($name: self.$name.load(Relaxed),)* l1_entries, l1_bytes, degraded: u64::from(degraded) }
+                Snapshot { $($name: self.$name.get(),)* l1_entries, l1_bytes, degraded: u64::from(degraded) }
             }
         }
 
         impl Snapshot {
-            /// Prometheus text exposition (version 0.0.4). Counter names end in `_total`.
-            pub fn to_prometheus(&self) -> String {
-                let mut out = String::new();
+            /// Every counter (samples named `<name>_total`) and gauge, with its HELP and TYPE.
+            pub(crate) fn encode_into(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
                 $(
-                    let _ = writeln!(out, "# HELP tiercache_client_{}_total {}", stringify!($name), $help);
-                    let _ = writeln!(out, "# TYPE tiercache_client_{}_total counter", stringify!($name));
-                    let _ = writeln!(out, "tiercache_client_{}_total {}", stringify!($name), self.$name);
+                    let m = enc.encode_descriptor(concat!("tiercache_client_", stringify!($name)), $help, None, MetricType::Counter)?;
+                    ConstCounter::new(self.$name).encode(m)?;
                 )*
                 for (name, help, v) in [
                     ("l1_entries", "Entries in the in-process cache.", self.l1_entries),
                     ("l1_bytes", "Bytes of keys and encoded values in the in-process cache.", self.l1_bytes),
                     ("degraded", "1 while Redis is bypassed after repeated failures.", self.degraded),
                 ] {
-                    let _ = writeln!(out, "# HELP tiercache_client_{name} {help}");
-                    let _ = writeln!(out, "# TYPE tiercache_client_{name} gauge");
-                    let _ = writeln!(out, "tiercache_client_{name} {v}");
+                    let full = format!("tiercache_client_{name}");
+                    let m = enc.encode_descriptor(&full, help, None, MetricType::Gauge)?;
+                    ConstGauge::new(v).encode(m)?;
                 }
-                out
+                Ok(())
             }
         }
     };
+}
+
+impl Metrics {
+    /// The histograms (`tiercache_client_load_duration_seconds`, `tiercache_client_l2_latency_seconds`).
+    pub(crate) fn encode_histograms(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let m =
+            enc.encode_descriptor("tiercache_client_load_duration", LOAD_HELP, Some(&Unit::Seconds), MetricType::Histogram)?;
+        self.load_duration.encode(m)?;
+        let mut m = enc.encode_descriptor("tiercache_client_l2_latency", L2_HELP, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for (op, h) in [(OP_LEASE_READ, &self.l2_lease_read), (OP_FILL, &self.l2_fill)] {
+            h.encode(m.encode_family(&[("op", op)])?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.encode_into(&mut enc)
+    }
+}
+
+impl Snapshot {
+    /// OpenMetrics text ([`OPENMETRICS_CONTENT_TYPE`]) of these counters and gauges; counter samples
+    /// end in `_total`. [`crate::TierCache::render_prometheus`] adds the histograms.
+    pub fn to_prometheus(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(*self));
+        render(&registry)
+    }
+}
+
+/// Encodes `registry` as OpenMetrics text.
+pub(crate) fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail, and the collectors only fail when the writer does.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
 }
 
 counters! {
@@ -72,6 +152,6 @@ counters! {
     l1_resets: "Times the in-process cache was dropped whole (gap, reset, reconnect).",
 }
 
-pub(crate) fn bump(c: &AtomicU64) {
-    c.fetch_add(1, Relaxed);
+pub(crate) fn bump(c: &Counter) {
+    c.inc();
 }
