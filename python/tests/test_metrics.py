@@ -46,7 +46,7 @@ def test_prometheus_export_and_stats(make_cache, r):
         assert f"tiercache_client_{n}" in text
     s = a.stats()
     assert set(s) == set(counters) | set(gauges)
-    # Python-only: a histogram of loader durations.
+    # The loader-duration histogram (the Rust client exports it under the same name and buckets).
     assert 'tiercache_client_load_duration_seconds_count{cache=""} 1.0' in text
     assert 'tiercache_client_load_duration_seconds_bucket{cache="b",le="+Inf"} 0.0' in text
 

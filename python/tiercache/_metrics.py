@@ -38,7 +38,8 @@ GAUGES: Tuple[Tuple[str, str], ...] = (
     ("degraded", "1 while Redis is bypassed after repeated failures."),
 )
 PREFIX = "tiercache_client_"
-# Python-only (the Rust client has no histogram yet): how long loader calls took, failed ones included.
+# The same histogram as the Rust client's tiercache_client_load_duration_seconds (same buckets): how long loader
+# calls took, failed ones included.
 LOAD_HISTOGRAM = ("load_duration_seconds", "Loader call durations, failed calls included.")
 BUCKETS: Tuple[float, ...] = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
