@@ -556,6 +556,23 @@ impl Model {
         }
     }
 
+    /// `DEL` (native) or `TIERCACHE.DEL` of the pool keys `keys`: the command, and how many keys it
+    /// deletes. A native DEL of a missing key is a no-op; TIERCACHE.DEL fences the lease anyway.
+    fn del(&mut self, keys: &[usize], native: bool) -> (redis::Cmd, i64) {
+        let mut cmd = redis::cmd(if native { "DEL" } else { "TIERCACHE.DEL" });
+        let mut deleted = 0;
+        for &i in keys {
+            let k = key_arg(i);
+            cmd.arg(k);
+            let qk = self.qk(k);
+            deleted += i64::from(self.delete(&qk));
+            if !native {
+                self.fence_key(&qk);
+            }
+        }
+        (cmd, deleted)
+    }
+
     /// A write or delete by a client (not the holder's own fill) fences the key's lease.
     fn fence_key(&mut self, key: &[u8]) {
         if let Some(l) = self.leases.get_mut(key) {
@@ -1086,18 +1103,7 @@ fn run_op(c: &mut Conn, model: &mut Model, op: &Op) -> Result<(), String> {
             check_meta(model, k, &got, c.proto)
         }
         Op::Del { keys, native } => {
-            let mut cmd = redis::cmd(if *native { "DEL" } else { "TIERCACHE.DEL" });
-            let mut deleted = 0;
-            for &i in keys {
-                let k = key_arg(i);
-                cmd.arg(k);
-                let qk = model.qk(k);
-                deleted += i64::from(model.delete(&qk));
-                // A native DEL of a missing key is a no-op; TIERCACHE.DEL fences anyway.
-                if !native {
-                    model.fence_key(&qk);
-                }
-            }
+            let (cmd, deleted) = model.del(keys, *native);
             let got = c.raw(&cmd);
             expect(&got, &Want::Int(deleted)).map_err(|e| format!("{}: {e}", cmd_text(&cmd)))
         }
@@ -1290,17 +1296,7 @@ fn run_multi(c: &mut Conn, model: &mut Model, ops: &[TxOp]) -> Result<(), String
                 (cmd!("EXISTS", k), TxWant::Plain(Want::Int(i64::from(model.exists(&qk)))))
             }
             TxOp::Del { keys, native } => {
-                let mut cmd = redis::cmd(if *native { "DEL" } else { "TIERCACHE.DEL" });
-                let mut deleted = 0;
-                for &i in keys {
-                    let k = key_arg(i);
-                    cmd.arg(k);
-                    let qk = model.qk(k);
-                    deleted += i64::from(model.delete(&qk));
-                    if !native {
-                        model.fence_key(&qk);
-                    }
-                }
+                let (cmd, deleted) = model.del(keys, *native);
                 (cmd, TxWant::Plain(Want::Int(deleted)))
             }
             TxOp::Invalidate { tags } => {

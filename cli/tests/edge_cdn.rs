@@ -14,7 +14,7 @@ mod harness;
 
 use std::time::Duration;
 
-use harness::{wait_subscribers, Recorder, Seen, TempDir};
+use harness::{wait_subscribers, Proc, Recorder, Seen, TempDir};
 
 async fn wait_requests(rec: &Recorder, n: usize, purger: &mut harness::Proc) -> Vec<Seen> {
     let ok = harness::wait_until(Duration::from_secs(20), || async { rec.requests().len() >= n }).await;
@@ -41,27 +41,14 @@ async fn fastly_purge_by_surrogate_key() {
         .await;
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let api = rec.url();
-    let mut purger = harness::tiercache(
+    let mut purger = fastly_purger(
         &dir,
         "purge-fastly",
-        &[
-            "purge",
-            "--no-full-purge-on-start",
-            "--redis",
-            &redis_url,
-            "--backend",
-            "fastly",
-            "--fastly-api",
-            &api,
-            "--fastly-service-id",
-            "SU1Z0isxPaozGVKXdv0eY",
-            "--fastly-token",
-            "tok-fastly",
-            "--namespace-key",
-            "ns:site:v1",
-            "--backoff-min-ms",
-            "50",
-        ],
+        &redis_url,
+        &api,
+        "SU1Z0isxPaozGVKXdv0eY",
+        "tok-fastly",
+        &["--no-full-purge-on-start", "--namespace-key", "ns:site:v1", "--backoff-min-ms", "50"],
     );
     wait_subscribers(&mut conn, 1, &mut purger).await;
 
@@ -95,24 +82,7 @@ async fn fastly_purge_by_surrogate_key() {
 
     // Without a namespace key, a full purge is purge_all (soft purges announced by header); a purger
     // starts with a full purge unless told not to.
-    let mut purger = harness::tiercache(
-        &dir,
-        "purge-fastly-all",
-        &[
-            "purge",
-            "--redis",
-            &redis_url,
-            "--backend",
-            "fastly",
-            "--fastly-api",
-            &api,
-            "--fastly-service-id",
-            "svc",
-            "--fastly-token",
-            "tok2",
-            "--fastly-soft",
-        ],
-    );
+    let mut purger = fastly_purger(&dir, "purge-fastly-all", &redis_url, &api, "svc", "tok2", &["--fastly-soft"]);
     let reqs = wait_requests(&rec, 5, &mut purger).await;
     assert_eq!(reqs[4].path, "/service/svc/purge_all");
     assert_eq!(reqs[4].header("fastly-key"), Some("tok2"));
@@ -212,29 +182,14 @@ async fn a_frozen_server_is_noticed() {
     let rec = Recorder::start(|_, _| (200, "{}".into())).await;
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let api = rec.url();
-    let mut purger = harness::tiercache(
+    let mut purger = fastly_purger(
         &dir,
         "purge-frozen",
-        &[
-            "purge",
-            "--no-full-purge-on-start",
-            "--redis",
-            &redis_url,
-            "--backend",
-            "fastly",
-            "--fastly-api",
-            &api,
-            "--fastly-service-id",
-            "svc",
-            "--fastly-token",
-            "tok",
-            "--namespace-key",
-            "ns:site:v1",
-            "--ping-interval-ms",
-            "100",
-            "--ping-timeout-ms",
-            "300",
-        ],
+        &redis_url,
+        &api,
+        "svc",
+        "tok",
+        &["--no-full-purge-on-start", "--namespace-key", "ns:site:v1", "--ping-interval-ms", "100", "--ping-timeout-ms", "300"],
     );
     wait_subscribers(&mut conn, 1, &mut purger).await;
     // Freeze the server for 2 s (well over the 300 ms PING timeout) on a connection of its own.
@@ -269,26 +224,7 @@ async fn db_filter() {
     let rec = Recorder::start(|_, _| (200, "{}".into())).await;
     let redis_url = format!("redis://127.0.0.1:{}/", server.port);
     let api = rec.url();
-    let mut purger = harness::tiercache(
-        &dir,
-        "purge-db",
-        &[
-            "purge",
-            "--no-full-purge-on-start",
-            "--redis",
-            &redis_url,
-            "--db",
-            "1",
-            "--backend",
-            "fastly",
-            "--fastly-api",
-            &api,
-            "--fastly-service-id",
-            "svc",
-            "--fastly-token",
-            "tok",
-        ],
-    );
+    let mut purger = fastly_purger(&dir, "purge-db", &redis_url, &api, "svc", "tok", &["--no-full-purge-on-start", "--db", "1"]);
     wait_subscribers(&mut conn, 1, &mut purger).await;
     conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db0"));
     conn.select(1);
@@ -301,4 +237,12 @@ async fn db_filter() {
     conn.run(&cmd!("TIERCACHE.INVALIDATE", "in-db1-again"));
     let reqs = wait_requests(&rec, 2, &mut purger).await;
     assert_eq!(reqs[1].header("surrogate-key"), Some("in-db1-again"));
+}
+
+/// `tiercache purge --backend fastly` against the recording API at `api`, with `extra` arguments.
+fn fastly_purger(dir: &TempDir, name: &str, redis_url: &str, api: &str, service: &str, token: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["purge", "--redis", redis_url, "--backend", "fastly", "--fastly-api", api];
+    args.extend(["--fastly-service-id", service, "--fastly-token", token]);
+    args.extend_from_slice(extra);
+    harness::tiercache(dir, name, &args)
 }

@@ -115,18 +115,13 @@ class _Collector(Collector):
                 else:
                     total[k] = total.get(k, 0) + v
         label_names = sorted({k for labels in groups for k, _ in labels})
-        for name, help in COUNTERS:
-            fam = CounterMetricFamily(PREFIX + name, help, labels=label_names)
+        families = [(CounterMetricFamily, n, h) for n, h in COUNTERS] + [(GaugeMetricFamily, n, h) for n, h in GAUGES]
+        for family, name, help in families:
+            fam = family(PREFIX + name, help, labels=label_names)
             for labels, total in groups.items():
                 d = dict(labels)
                 fam.add_metric([d.get(n, "") for n in label_names], total.get(name, 0))
             yield fam
-        for name, help in GAUGES:
-            gfam = GaugeMetricFamily(PREFIX + name, help, labels=label_names)
-            for labels, total in groups.items():
-                d = dict(labels)
-                gfam.add_metric([d.get(n, "") for n in label_names], total.get(name, 0))
-            yield gfam
         hfam = HistogramMetricFamily(PREFIX + LOAD_HISTOGRAM[0], LOAD_HISTOGRAM[1], labels=label_names)
         for labels, (counts, total_sum) in hists.items():
             d = dict(labels)
