@@ -17,11 +17,11 @@
 
 use std::collections::VecDeque;
 
-use crate::lintable::{ChunkVec, Drain, Hashing, LinTable};
+use crate::keyset::{KeyDrain, KeySet};
+use crate::lintable::{ChunkVec, Hashing, LinTable};
 use crate::tags::{TagList, DEAD, PENDING};
 
 type Key = Box<[u8]>;
-type KeySet = LinTable<Key>;
 
 /// Something large the index no longer needs, to be dropped off the caller's thread.
 pub type Garbage = Box<dyn std::any::Any + Send>;
@@ -44,7 +44,7 @@ struct DbIndex {
     by_name: LinTable<(Key, u32)>,
     /// Key sets taken out by invalidations (with their original size), drained a few keys at a time.
     /// Boxed, so that the deque itself stays small when many sets are queued.
-    queue: VecDeque<Box<(Drain<Key>, usize)>>,
+    queue: VecDeque<Box<(KeyDrain, usize)>>,
     queued: usize,
     members: usize,
 }
@@ -184,7 +184,7 @@ impl Registry {
         let mut added = 0;
         for r in tags.refs() {
             if let Some(slot) = self.slots.get_mut(r.slot as usize) {
-                if slot.keys.insert_with(&self.hash, key, || Key::from(key)) {
+                if slot.keys.insert(&self.hash, key) {
                     added += 1;
                 }
             }
@@ -209,7 +209,7 @@ impl Registry {
                 return (r.epoch, r.slot);
             }
             if let Some(slot) = self.slots.get_mut(r.slot as usize) {
-                if slot.keys.remove(&self.hash, key).is_some() {
+                if slot.keys.remove(&self.hash, key) {
                     removed += 1;
                 }
                 if slot.keys.is_empty() {
@@ -265,7 +265,7 @@ impl Registry {
         self.db_mut(db);
         let Some(index) = self.dbs.get_mut(db) else { return };
         let mut one = KeySet::default();
-        one.insert_with(&self.hash, key, || Key::from(key));
+        one.insert(&self.hash, key);
         index.queued += 1;
         index.queue.push_back(Box::new((one.into_iter(), 1)));
     }

@@ -5,7 +5,8 @@
 //!   module maps onto Redis's own RDB primitives.
 //! - [`lz4`]: the lz4 frame shared by the module and the clients.
 //! - [`tags`]: a compact, binary-safe tag list.
-//! - [`index`]: the tag index, built on [`lintable`]: containers whose every operation does bounded work.
+//! - [`index`]: the tag index, built on [`lintable`] and [`keyset`]: containers whose every operation does
+//!   bounded work.
 //! - [`args`] and [`num`]: command argument parsing with Redis's error texts.
 //! - [`clock`]: a clock that tests can move by hand.
 
@@ -13,6 +14,7 @@ pub mod args;
 pub mod clock;
 pub mod entry;
 pub mod index;
+pub mod keyset;
 pub mod lease;
 pub mod lintable;
 pub mod lz4;

@@ -142,12 +142,12 @@ impl Hashing {
     }
 
     #[inline]
-    fn hash(&self, key: &[u8]) -> u64 {
+    pub(crate) fn hash(&self, key: &[u8]) -> u64 {
         self.state.hash_one(key)
     }
 
     #[inline]
-    fn step(&self, n: usize) {
+    pub(crate) fn step(&self, n: usize) {
         self.steps.set(self.steps.get().wrapping_add(n as u64));
     }
 
@@ -201,7 +201,7 @@ impl<E> Default for LinTable<E> {
 /// The bucket of `hash` among `n` buckets (`n >= 1`): the low bits of the hash, one bit fewer for the
 /// buckets of this round that are not split yet.
 #[inline]
-fn bucket_of(hash: u64, n: usize) -> usize {
+pub(crate) fn bucket_of(hash: u64, n: usize) -> usize {
     let mask = n.next_power_of_two() - 1;
     let i = hash as usize & mask;
     if i < n {
@@ -213,7 +213,7 @@ fn bucket_of(hash: u64, n: usize) -> usize {
 
 /// The bucket that bucket `j` is split from (and merged back into): `j` without its highest bit.
 #[inline]
-fn buddy_of(j: usize) -> usize {
+pub(crate) fn buddy_of(j: usize) -> usize {
     j & (((j + 1).next_power_of_two() - 1) >> 1)
 }
 
