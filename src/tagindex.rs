@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis_module::raw;
 use tiercache_core::index::{Attach, Garbage, IndexStats, Registry};
-use tiercache_core::tags::TagList;
+use tiercache_core::tags::Tags;
 use tiercache_core::Entry;
 
 use crate::config;
@@ -119,7 +119,7 @@ pub fn is_valid(entry: &Entry) -> bool {
 }
 
 /// For persistence: was this entry invalidated?
-pub fn is_dead(tags: &TagList) -> bool {
+pub fn is_dead(tags: &Tags) -> bool {
     !tags.is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_dead(tags)))
 }
 

@@ -19,7 +19,9 @@ use std::collections::VecDeque;
 
 use crate::keyset::{KeyDrain, KeySet};
 use crate::lintable::{ChunkVec, Hashing, LinTable};
-use crate::tags::{TagList, DEAD, PENDING};
+use crate::tags::{Tags, DEAD, PENDING};
+#[cfg(test)]
+use crate::tags::TagList;
 
 type Key = Box<[u8]>;
 
@@ -146,20 +148,20 @@ impl Registry {
     /// True when every tag of the entry still has the epoch the entry was attached under. One array
     /// lookup per tag: no hashing, and no database needed (epochs never repeat).
     #[inline]
-    pub fn is_valid(&self, tags: &TagList) -> bool {
+    pub fn is_valid(&self, tags: &Tags) -> bool {
         tags.refs().all(|r| self.matches(r.slot, r.epoch))
     }
 
     /// True when the entry was invalidated: loaded dead, or attached under an epoch its tag no longer
     /// has. A PENDING entry (not attached yet) is not dead. Used when persisting.
-    pub fn is_dead(&self, tags: &TagList) -> bool {
+    pub fn is_dead(&self, tags: &Tags) -> bool {
         tags.refs().any(|r| r.epoch == DEAD || (r.epoch != PENDING && !self.matches(r.slot, r.epoch)))
     }
 
     /// Indexes an entry stored under `key` in `db`. A PENDING entry (just written or loaded) takes the
     /// current slots of its tags, creating them as needed; an entry attached before (COPY, RENAME) is
     /// indexed again if still valid; anything else is dead.
-    pub fn attach(&mut self, db: usize, key: &[u8], tags: &mut TagList) -> Attach {
+    pub fn attach(&mut self, db: usize, key: &[u8], tags: &mut Tags) -> Attach {
         if tags.is_empty() {
             return Attach::Live;
         }
@@ -196,7 +198,7 @@ impl Registry {
     /// Removes an entry's key from every slot it is indexed under (the entry is being deleted,
     /// overwritten, renamed or moved). A valid entry's tags become PENDING (it may be attached again
     /// under a new name); one that had lost any tag is marked DEAD for good.
-    pub fn detach(&mut self, db: usize, key: &[u8], tags: &mut TagList) {
+    pub fn detach(&mut self, db: usize, key: &[u8], tags: &mut Tags) {
         if tags.is_empty() {
             return;
         }

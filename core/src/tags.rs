@@ -49,6 +49,86 @@ fn get_varint(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// A tag list in place: the bytes of a [`TagList`], or the tag section of an entry's single allocation.
+/// Everything but building a list works on this view.
+#[repr(transparent)]
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Tags([u8]);
+
+impl Tags {
+    /// Views bytes laid out by [`TagList::new`] (as copied into an entry). A malformed tail ends
+    /// iteration early; it never panics.
+    #[inline]
+    pub fn from_bytes(b: &[u8]) -> &Tags {
+        // SAFETY: Tags is a repr(transparent) wrapper of [u8]: same layout and same slice metadata.
+        unsafe { &*(b as *const [u8] as *const Tags) }
+    }
+
+    #[inline]
+    pub fn from_bytes_mut(b: &mut [u8]) -> &mut Tags {
+        // SAFETY: as in `from_bytes`; the exclusive borrow is passed on unchanged.
+        unsafe { &mut *(b as *mut [u8] as *mut Tags) }
+    }
+
+    /// The list's bytes, as [`TagList::new`] lays them out.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.iter().count()
+    }
+
+    /// Tag names.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.refs().map(|r| r.name)
+    }
+
+    /// `(epoch, name)` pairs.
+    pub fn with_epochs(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.refs().map(|r| (r.epoch, r.name))
+    }
+
+    /// Every tag with its slot and epoch.
+    #[inline]
+    pub fn refs(&self) -> TagIter<'_> {
+        TagIter { buf: &self.0 }
+    }
+
+    pub fn contains(&self, tag: &[u8]) -> bool {
+        self.iter().any(|t| t == tag)
+    }
+
+    /// Sets every tag's epoch to `f(name, old epoch)`, keeping its slot.
+    pub fn set_epochs(&mut self, mut f: impl FnMut(&[u8], u64) -> u64) {
+        self.set_refs(|r| (f(r.name, r.epoch), r.slot));
+    }
+
+    /// Sets every tag's `(epoch, slot)` to `f(current)`.
+    pub fn set_refs(&mut self, mut f: impl FnMut(TagRef<'_>) -> (u64, u32)) {
+        let buf = &mut self.0;
+        let mut at = 0;
+        while at + HEAD < buf.len() {
+            let Some((len, n)) = get_varint(&buf[at + HEAD..]) else { return };
+            let name_at = at + HEAD + n;
+            let Some(end) = name_at.checked_add(len).filter(|&e| e <= buf.len()) else { return };
+            let (head, rest) = buf[at..].split_at_mut(HEAD);
+            let name = &rest[n..n + len];
+            let r = TagRef { epoch: read_u64(&head[..EPOCH_LEN]), slot: read_u32(&head[EPOCH_LEN..]), name };
+            let (epoch, slot) = f(r);
+            head[..EPOCH_LEN].copy_from_slice(&epoch.to_le_bytes());
+            head[EPOCH_LEN..].copy_from_slice(&slot.to_le_bytes());
+            at = end;
+        }
+    }
+}
+
 impl TagList {
     pub const EMPTY: TagList = TagList(None);
 
@@ -79,61 +159,36 @@ impl TagList {
         TagList(Some(buf.into_boxed_slice()))
     }
 
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.0.is_none()
-    }
-
-    pub fn len(&self) -> usize {
-        self.iter().count()
-    }
-
-    /// Tag names.
-    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.refs().map(|r| r.name)
-    }
-
-    /// `(epoch, name)` pairs.
-    pub fn with_epochs(&self) -> impl Iterator<Item = (u64, &[u8])> {
-        self.refs().map(|r| (r.epoch, r.name))
-    }
-
-    /// Every tag with its slot and epoch.
-    #[inline]
-    pub fn refs(&self) -> TagIter<'_> {
-        TagIter { buf: self.0.as_deref().unwrap_or(&[]) }
-    }
-
-    pub fn contains(&self, tag: &[u8]) -> bool {
-        self.iter().any(|t| t == tag)
-    }
-
-    /// Sets every tag's epoch to `f(name, old epoch)`, keeping its slot.
-    pub fn set_epochs(&mut self, mut f: impl FnMut(&[u8], u64) -> u64) {
-        self.set_refs(|r| (f(r.name, r.epoch), r.slot));
-    }
-
-    /// Sets every tag's `(epoch, slot)` to `f(current)`.
-    pub fn set_refs(&mut self, mut f: impl FnMut(TagRef<'_>) -> (u64, u32)) {
-        let Some(buf) = self.0.as_deref_mut() else { return };
-        let mut at = 0;
-        while at + HEAD < buf.len() {
-            let Some((len, n)) = get_varint(&buf[at + HEAD..]) else { return };
-            let name_at = at + HEAD + n;
-            let Some(end) = name_at.checked_add(len).filter(|&e| e <= buf.len()) else { return };
-            let (head, rest) = buf[at..].split_at_mut(HEAD);
-            let name = &rest[n..n + len];
-            let r = TagRef { epoch: read_u64(&head[..EPOCH_LEN]), slot: read_u32(&head[EPOCH_LEN..]), name };
-            let (epoch, slot) = f(r);
-            head[..EPOCH_LEN].copy_from_slice(&epoch.to_le_bytes());
-            head[EPOCH_LEN..].copy_from_slice(&slot.to_le_bytes());
-            at = end;
+    /// An owned copy of a list in place.
+    pub fn from_tags(tags: &Tags) -> Self {
+        if tags.is_empty() {
+            TagList(None)
+        } else {
+            TagList(Some(Box::from(tags.as_bytes())))
         }
     }
 
     /// Heap bytes held by the list.
     pub fn heap_size(&self) -> usize {
         self.0.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+impl std::ops::Deref for TagList {
+    type Target = Tags;
+    #[inline]
+    fn deref(&self) -> &Tags {
+        Tags::from_bytes(self.0.as_deref().unwrap_or(&[]))
+    }
+}
+
+impl std::ops::DerefMut for TagList {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Tags {
+        match self.0.as_deref_mut() {
+            Some(b) => Tags::from_bytes_mut(b),
+            None => Tags::from_bytes_mut(&mut []),
+        }
     }
 }
 

@@ -83,7 +83,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         }
     }
     let tags = TagList::new(&parsed.tags);
-    let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
+    let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &tags) {
         Ok(e) => e,
         Err(e) => return reply::error(ctx, &format!("ERR {e}")),
     };
@@ -119,7 +119,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Some(old) = key.entry_mut() {
         tagindex::detach(db, bytes(args[1]), old);
     }
-    if let Err(msg) = key.store(Box::new(entry), expire_at) {
+    if let Err(msg) = key.store(entry, expire_at) {
         if let Some(lease) = fill {
             leases::abort_fill(ctx, db, bytes(args[1]), lease);
         }
