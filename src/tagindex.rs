@@ -128,10 +128,9 @@ pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
     if entry.tags().is_empty() {
         return;
     }
-    let replica = is_replica(ctx);
     let queued = timed(|r| match r.attach(db, key, entry.tags_mut()) {
         Attach::Live => false,
-        Attach::Dead if replica => false,
+        Attach::Dead if is_replica(ctx) => false,
         Attach::Dead => {
             r.queue_key(db, key);
             true
@@ -140,6 +139,12 @@ pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
     if queued == Some(true) {
         arm_reclaim(ctx);
     }
+}
+
+/// An overwrite with the same tags: the new entry takes the old one's place in the index (see
+/// `Registry::carry_over`); then neither `detach` nor `attach` is needed.
+pub fn carry_over(old: &Entry, new: &mut Entry) -> bool {
+    !new.tags().is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.carry_over(old.tags(), new.tags_mut())))
 }
 
 /// The type's unlink callback: the entry leaves `key` in `db`.

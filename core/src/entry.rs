@@ -7,9 +7,9 @@
 use std::borrow::Cow;
 
 use crate::lz4::{self, FrameError};
-use crate::tags::Tags;
 #[cfg(test)]
 use crate::tags::TagList;
+use crate::tags::{Encoder, Tags};
 
 /// "No deadline" for `fresh_until` and for TTL fields.
 pub const NO_DEADLINE: i64 = -1;
@@ -92,6 +92,13 @@ const LZ4_BIT: u32 = 1 << 31;
 #[derive(Debug, PartialEq, Eq)]
 pub struct Entry([u8]);
 
+/// The tag section of a new entry: a list already laid out (load, copy) or names to lay out.
+#[derive(Clone, Copy)]
+enum TagBytes<'a> {
+    Laid(&'a Tags),
+    Names(&'a Encoder<'a>),
+}
+
 #[inline]
 fn get_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
@@ -111,15 +118,17 @@ fn get_i64(b: &[u8], at: usize) -> i64 {
 }
 
 impl Entry {
-    /// Builds an entry from a client's value. A `Verbatim(Lz4)` value must be a frame that decodes (it is
-    /// checked once here, so a GET can never find an unreadable entry).
+    /// Builds an entry from a client's value and tag names (repeats dropped). A `Verbatim(Lz4)` value must
+    /// be a frame that decodes (it is checked once here, so a GET can never find an unreadable entry).
     pub fn from_value(
         value: &[u8],
         storage: Storage,
         fresh_until: i64,
         created: i64,
-        tags: &Tags,
+        tags: &[&[u8]],
     ) -> Result<Box<Self>, FrameError> {
+        let tags = Encoder::new(tags);
+        let tags = TagBytes::Names(&tags);
         match storage {
             Storage::Auto { compress_min_size } => match lz4::compress_if_worth(value, compress_min_size) {
                 Some(frame) => Self::build(&frame, Encoding::Lz4, fresh_until, created, tags),
@@ -149,14 +158,23 @@ impl Entry {
         if !ok || fresh_until < NO_DEADLINE {
             return Err(FrameError::BadHeader);
         }
-        Self::build(data, encoding, fresh_until, created, tags)
+        Self::build(data, encoding, fresh_until, created, TagBytes::Laid(tags))
     }
 
-    fn build(data: &[u8], encoding: Encoding, fresh_until: i64, created: i64, tags: &Tags) -> Result<Box<Self>, FrameError> {
-        let tags = tags.as_bytes();
-        let total = HEADER.checked_add(tags.len()).and_then(|n| n.checked_add(data.len())).ok_or(FrameError::TooLarge)?;
+    fn build(
+        data: &[u8],
+        encoding: Encoding,
+        fresh_until: i64,
+        created: i64,
+        tags: TagBytes<'_>,
+    ) -> Result<Box<Self>, FrameError> {
+        let tags_len = match tags {
+            TagBytes::Laid(t) => t.as_bytes().len(),
+            TagBytes::Names(e) => e.len(),
+        };
+        let total = HEADER.checked_add(tags_len).and_then(|n| n.checked_add(data.len())).ok_or(FrameError::TooLarge)?;
         let total32 = u32::try_from(total).map_err(|_| FrameError::TooLarge)?;
-        let tags32 = u32::try_from(tags.len()).map_err(|_| FrameError::TooLarge)?;
+        let tags32 = u32::try_from(tags_len).map_err(|_| FrameError::TooLarge)?;
         let mut buf = Vec::with_capacity(total);
         buf.extend_from_slice(&total32.to_le_bytes());
         buf.extend_from_slice(&fresh_until.to_le_bytes());
@@ -164,7 +182,10 @@ impl Entry {
         let fill = if encoding == Encoding::Lz4 { LZ4_BIT } else { 0 };
         buf.extend_from_slice(&fill.to_le_bytes());
         buf.extend_from_slice(&tags32.to_le_bytes());
-        buf.extend_from_slice(tags);
+        match tags {
+            TagBytes::Laid(t) => buf.extend_from_slice(t.as_bytes()),
+            TagBytes::Names(e) => e.write(&mut buf),
+        }
         buf.extend_from_slice(data);
         Ok(Self::from_boxed_bytes(buf.into_boxed_slice()))
     }
@@ -358,16 +379,11 @@ mod tests {
     use super::*;
     use crate::clock::{Clock, ManualClock};
 
-    fn tags(t: &[&[u8]]) -> TagList {
-        TagList::new(t)
-    }
-
     #[test]
     fn one_allocation_round_trips_through_a_thin_pointer() {
         let big = b"abcdefgh".repeat(512);
         for (value, t) in [(&b"v"[..], &[][..]), (&big[..], &[&b"user:1"[..], b"org:\0"][..])] {
-            let mut e =
-                Entry::from_value(value, Storage::Auto { compress_min_size: 1024 }, 123, 45, &TagList::new(t)).unwrap();
+            let mut e = Entry::from_value(value, Storage::Auto { compress_min_size: 1024 }, 123, 45, t).unwrap();
             e.set_fill_ms(77);
             assert_eq!(e.mem_usage(), 28 + e.tags().as_bytes().len() + e.stored().len(), "header, tags, bytes");
             let copy = e.to_boxed();
@@ -385,7 +401,7 @@ mod tests {
             assert!(back.tags().refs().all(|r| r.epoch == 9));
             assert_eq!(back.encoding(), copy.encoding(), "the fill time leaves the encoding bit alone");
         }
-        let mut e = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), 1, 0, &TagList::EMPTY).unwrap();
+        let mut e = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), 1, 0, &[]).unwrap();
         e.set_fill_ms(i64::MAX);
         assert_eq!((e.fill_ms(), e.encoding()), (u32::MAX >> 1, Encoding::Raw), "saturates below the encoding bit");
     }
@@ -393,8 +409,7 @@ mod tests {
     #[test]
     fn fresh_then_stale_on_a_moving_clock() {
         let clock = ManualClock::new(10_000);
-        let e =
-            Entry::from_value(b"v", Storage::Auto { compress_min_size: 1024 }, 10_100, clock.now_ms(), &TagList::EMPTY).unwrap();
+        let e = Entry::from_value(b"v", Storage::Auto { compress_min_size: 1024 }, 10_100, clock.now_ms(), &[]).unwrap();
         assert!(e.is_fresh(clock.now_ms()));
         assert_eq!(e.fresh_ttl_ms(clock.now_ms()), 100);
         clock.advance(99);
@@ -402,7 +417,7 @@ mod tests {
         clock.advance(1);
         assert!(!e.is_fresh(clock.now_ms()), "fresh_until itself is no longer fresh");
         assert_eq!(e.fresh_ttl_ms(clock.now_ms()), 0);
-        let forever = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 0, &TagList::EMPTY).unwrap();
+        let forever = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 0, &[]).unwrap();
         assert!(forever.is_fresh(i64::MAX));
         assert_eq!(forever.fresh_ttl_ms(5), NO_DEADLINE);
     }
@@ -410,7 +425,7 @@ mod tests {
     #[test]
     fn auto_compresses_large_compressible_values_only() {
         let big = b"abcdefgh".repeat(512);
-        let e = Entry::from_value(&big, Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, &tags(&[b"t"])).unwrap();
+        let e = Entry::from_value(&big, Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, &[b"t"]).unwrap();
         assert_eq!(e.encoding(), Encoding::Lz4);
         assert_eq!(e.size(), big.len());
         assert!(e.stored().len() < big.len() / 4);
@@ -418,10 +433,9 @@ mod tests {
         let mut scratch = Vec::new();
         assert_eq!(e.value_into(&mut scratch).unwrap(), &big[..]);
 
-        let small =
-            Entry::from_value(&big[..1000], Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, &TagList::EMPTY).unwrap();
+        let small = Entry::from_value(&big[..1000], Storage::Auto { compress_min_size: 1024 }, NO_DEADLINE, 0, &[]).unwrap();
         assert_eq!(small.encoding(), Encoding::Raw);
-        let forced_raw = Entry::from_value(&big, Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 0, &TagList::EMPTY).unwrap();
+        let forced_raw = Entry::from_value(&big, Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 0, &[]).unwrap();
         assert_eq!(forced_raw.encoding(), Encoding::Raw);
         assert_eq!(forced_raw.stored(), &big[..]);
     }
@@ -430,24 +444,24 @@ mod tests {
     fn verbatim_lz4_takes_a_client_frame_and_rejects_garbage() {
         let big = b"0123456789".repeat(300);
         let frame = lz4::compress(&big);
-        let e = Entry::from_value(&frame, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &TagList::EMPTY).unwrap();
+        let e = Entry::from_value(&frame, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &[]).unwrap();
         assert_eq!(e.stored(), &frame[..]);
         assert_eq!(e.size(), big.len());
         assert_eq!(&*e.value().unwrap(), &big[..]);
-        assert!(Entry::from_value(b"xy", Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &TagList::EMPTY).is_err());
+        assert!(Entry::from_value(b"xy", Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &[]).is_err());
         let mut corrupt = frame.clone();
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0xff;
         corrupt.truncate(last - 3);
         assert!(
-            Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &TagList::EMPTY).is_err(),
+            Entry::from_value(&corrupt, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &[]).is_err(),
             "a frame whose body does not decode"
         );
     }
 
     #[test]
     fn xfetch_refreshes_early_more_often_near_the_deadline() {
-        let mut e = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), 10_000, 0, &TagList::EMPTY).unwrap();
+        let mut e = Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), 10_000, 0, &[]).unwrap();
         assert!(!e.refresh_early(9_999, 1.0, 0.001), "unknown fill time: never");
         e.set_fill_ms(100);
         assert_eq!(e.fill_ms(), 100);

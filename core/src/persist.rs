@@ -183,14 +183,7 @@ mod tests {
     use crate::entry::Storage;
 
     fn sample(value: &[u8], tags: &[&[u8]]) -> Box<Entry> {
-        Entry::from_value(
-            value,
-            Storage::Auto { compress_min_size: 64 },
-            1_700_000_000_123,
-            1_699_999_999_000,
-            &TagList::new(tags),
-        )
-        .unwrap()
+        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, tags).unwrap()
     }
 
     #[test]
@@ -200,7 +193,7 @@ mod tests {
             sample(b"", &[]),
             sample(b"small\0binary", &[b"user:1", b"\0\xff"]),
             sample(&big, &[b"t"]),
-            Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, &TagList::EMPTY).unwrap(),
+            Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, &[]).unwrap(),
         ] {
             let mut fields: Vec<Field> = Vec::new();
             save(&e, false, &mut fields);

@@ -141,21 +141,9 @@ impl TagList {
         if tags.is_empty() {
             return TagList(None);
         }
-        let first: Vec<bool> = if tags.len() <= LINEAR_DEDUP_MAX {
-            (0..tags.len()).map(|i| !tags[..i].contains(&tags[i])).collect()
-        } else {
-            let mut seen = ahash::AHashSet::with_capacity(tags.len());
-            tags.iter().map(|t| seen.insert(*t)).collect()
-        };
-        let kept = || tags.iter().zip(&first).filter(|(_, &keep)| keep).map(|(t, _)| *t);
-        let size: usize = kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
-        let mut buf = Vec::with_capacity(size);
-        for t in kept() {
-            buf.extend_from_slice(&PENDING.to_le_bytes());
-            buf.extend_from_slice(&0u32.to_le_bytes());
-            put_varint(&mut buf, t.len());
-            buf.extend_from_slice(t);
-        }
+        let encoded = Encoder::new(tags);
+        let mut buf = Vec::with_capacity(encoded.len());
+        encoded.write(&mut buf);
         TagList(Some(buf.into_boxed_slice()))
     }
 
@@ -171,6 +159,70 @@ impl TagList {
     /// Heap bytes held by the list.
     pub fn heap_size(&self) -> usize {
         self.0.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+/// Tag names laid out as a list's bytes (all [`PENDING`], repeats dropped), written straight into a
+/// caller's buffer (an entry's single allocation) without building a [`TagList`] first.
+pub struct Encoder<'a> {
+    tags: &'a [&'a [u8]],
+    /// For up to [`LINEAR_DEDUP_MAX`] tags: bit `i` set when tag `i` repeats an earlier one.
+    repeats: u16,
+    /// Above it: which tags to keep.
+    keep: Option<Vec<bool>>,
+    len: usize,
+}
+
+impl<'a> Encoder<'a> {
+    /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of the
+    /// few before each tag below it, with no allocation).
+    pub fn new(tags: &'a [&'a [u8]]) -> Self {
+        let (repeats, keep) = if tags.len() <= LINEAR_DEDUP_MAX {
+            let mask = (0..tags.len()).filter(|&i| tags[..i].contains(&tags[i])).fold(0u16, |m, i| m | (1 << i));
+            (mask, None)
+        } else {
+            let mut seen = ahash::AHashSet::with_capacity(tags.len());
+            (0, Some(tags.iter().map(|t| seen.insert(*t)).collect()))
+        };
+        let mut e = Encoder { tags, repeats, keep, len: 0 };
+        e.len = e.kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
+        e
+    }
+
+    fn kept(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        self.tags.iter().enumerate().filter(|&(i, _)| self.keeps(i)).map(|(_, t)| *t)
+    }
+
+    #[inline]
+    fn keeps(&self, i: usize) -> bool {
+        match &self.keep {
+            Some(keep) => keep.get(i).copied().unwrap_or(false),
+            None => self.repeats & (1 << i) == 0,
+        }
+    }
+
+    /// Bytes the list takes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tags kept (without repeats).
+    pub fn count(&self) -> usize {
+        self.kept().count()
+    }
+
+    /// Appends the list's bytes to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for t in self.kept() {
+            out.extend_from_slice(&PENDING.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            put_varint(out, t.len());
+            out.extend_from_slice(t);
+        }
     }
 }
 

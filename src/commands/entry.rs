@@ -8,7 +8,6 @@ use tiercache_core::entry::Storage;
 use tiercache_core::lease::Acquire;
 use tiercache_core::lz4::MAX_ORIGINAL_LEN;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
-use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
 use crate::acl::{self, Access};
@@ -43,7 +42,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
-    let max_tags = if replayed(ctx) { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
+    let replay = replayed(ctx);
+    let max_tags = if replay { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
     let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
         Err(e) => return reply::error(ctx, &e.to_string()),
@@ -59,7 +59,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
     // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
-    let max_value = if replayed(ctx) { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
+    let max_value = if replay { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
     match storage.decoded_len(bytes(args[2])) {
         Ok(n) if n > max_value => {
             return reply::error(
@@ -82,11 +82,11 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
             return reply::error(ctx, e);
         }
     }
-    let tags = TagList::new(&parsed.tags);
-    let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &tags) {
-        Ok(e) => e,
-        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
-    };
+    let entry =
+        match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &parsed.tags) {
+            Ok(e) => e,
+            Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+        };
 
     let mut key = WriteKey::open(ctx, args[1]);
     if let Slot::WrongType = key.slot() {
@@ -115,9 +115,14 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         },
         None => None,
     };
-    // The old entry is replaced in place (no unlink callback): take it out of the tag index here.
+    // The old entry is replaced in place (no unlink callback): take it out of the tag index here, unless
+    // the new one has the same tags and simply takes its place.
+    let mut carried = false;
     if let Some(old) = key.entry_mut() {
-        tagindex::detach(db, bytes(args[1]), old);
+        carried = tagindex::carry_over(old, &mut entry);
+        if !carried {
+            tagindex::detach(db, bytes(args[1]), old);
+        }
     }
     if let Err(msg) = key.store(entry, expire_at) {
         if let Some(lease) = fill {
@@ -126,7 +131,9 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         return reply::error(ctx, msg);
     }
     if let Some(e) = key.entry_mut() {
-        tagindex::attach(ctx, db, bytes(args[1]), e);
+        if !carried {
+            tagindex::attach(ctx, db, bytes(args[1]), e);
+        }
         match fill {
             Some(lease) => leases::filled(lease, e),
             None => leases::written_by_other(db, bytes(args[1]), e),
