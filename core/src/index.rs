@@ -330,7 +330,7 @@ impl Registry {
 
     /// Up to `n` keys of live entries carrying `tag` in `db`.
     pub fn tag_keys(&self, db: usize, tag: &[u8], n: usize) -> Vec<&[u8]> {
-        self.slot_of(db, tag).map(|s| s.keys.iter().take(n).map(|k| &k[..]).collect()).unwrap_or_default()
+        self.slot_of(db, tag).map(|s| s.keys.iter().take(n).collect()).unwrap_or_default()
     }
 
     /// Up to `n` keys of live entries carrying `tag` in `db` for which `keep` holds (TAGKEYS for a user
@@ -339,7 +339,7 @@ impl Registry {
         let Some(s) = self.slot_of(db, tag) else {
             return Vec::new();
         };
-        s.keys.iter().map(|k| &k[..]).filter(|k| keep(k)).take(n).collect()
+        s.keys.iter().filter(|k| keep(k)).take(n).collect()
     }
 
     /// Forgets one database (FLUSHDB) or all of them (`None`, FLUSHALL and full reloads).
