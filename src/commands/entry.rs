@@ -34,7 +34,8 @@ const SCRATCH_KEEP: usize = 1 << 20;
 ///
 /// A value whose decoded size exceeds `tiercache.max-value-size` is refused. Everything is validated
 /// and the entry is built before the key is touched, so an error changes nothing. The write is
-/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs) whenever anything reads the
+/// propagated stream, verbatim otherwise (see propagation.rs).
 pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
