@@ -81,3 +81,59 @@ impl<T: CacheValue> Loaded<T> {
         }
     }
 }
+
+/// A value shared with L1: the entry itself, whose decoded copy it derefs to. A hit of
+/// [`crate::TierCache::get_cached`] costs one reference count, like a raw `quick_cache` get of an
+/// `Arc<T>` (an `Arc<T>` from [`crate::TierCache::get_arc`] costs two more: its own count, and the
+/// entry's taken and dropped). It keeps the whole entry (bytes and tags) alive while held.
+pub struct Cached<T> {
+    entry: L1Entry,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: Send + Sync + 'static> Cached<T> {
+    /// Over an entry whose decoded copy is a `T` (checked), else `None`.
+    #[inline]
+    pub(crate) fn over(entry: L1Entry) -> Option<Cached<T>> {
+        let is_t = entry.decoded.get().is_some_and(|d| d.type_id == TypeId::of::<T>());
+        is_t.then_some(Cached { entry, _t: std::marker::PhantomData })
+    }
+
+    /// A value outside L1 (a load, a read from Redis).
+    pub(crate) fn detached(value: Arc<T>, bytes: Arc<[u8]>) -> Cached<T> {
+        Cached { entry: Arc::new(L1Data::new(Some(Decoded::of(value)), bytes, 0, Box::new([]))), _t: std::marker::PhantomData }
+    }
+
+    /// The value as an `Arc<T>` of its own.
+    pub fn to_arc(&self) -> Arc<T> {
+        match self.entry.decoded.get().map(|d| d.value.clone().downcast::<T>()) {
+            Some(Ok(v)) => v,
+            // `over` and `detached` only build a `Cached<T>` over a decoded `T`, which never changes.
+            _ => unreachable!("Cached<T> over a value that is not a T"),
+        }
+    }
+}
+
+impl<T: Send + Sync + 'static> std::ops::Deref for Cached<T> {
+    type Target = T;
+    #[inline]
+    fn deref(&self) -> &T {
+        match self.entry.decoded.get().and_then(|d| d.value.downcast_ref::<T>()) {
+            Some(v) => v,
+            // `over` and `detached` only build a `Cached<T>` over a decoded `T`, which never changes.
+            None => unreachable!("Cached<T> over a value that is not a T"),
+        }
+    }
+}
+
+impl<T> Clone for Cached<T> {
+    fn clone(&self) -> Self {
+        Cached { entry: self.entry.clone(), _t: std::marker::PhantomData }
+    }
+}
+
+impl<T: Send + Sync + std::fmt::Debug + 'static> std::fmt::Debug for Cached<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::ops::Deref::deref(self).fmt(f)
+    }
+}

@@ -42,6 +42,7 @@ use tracing::Instrument;
 use l1::{Decoded, L1Data, L1Entry, Loaded};
 
 pub use error::Error;
+pub use l1::Cached;
 pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
 /// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
 pub use prometheus_client;
@@ -547,6 +548,36 @@ impl TierCache {
         }
     }
 
+    /// Like [`TierCache::get_arc`], as a [`Cached`] handle on L1's entry: the cheapest hit (one
+    /// reference count, as a raw `quick_cache` get of an `Arc<T>`).
+    #[inline]
+    pub async fn get_cached<T: CacheValue + Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Cached<T>>, Error<std::convert::Infallible>> {
+        self.inner.resume_coherence().await;
+        if let Some(e) = self.inner.l1_get(key) {
+            return Ok(Some(Self::cached_of(e)?));
+        }
+        match self.get_l2(key, &Opts::default()).await? {
+            Some(raw) => decode(&raw).map(|v| Some(Cached::detached(Arc::new(v), raw.into()))).map_err(Error::Codec),
+            None => Ok(None),
+        }
+    }
+
+    /// A hit as a [`Cached`]: over the entry when its decoded copy is a `T` (decoding it first if the
+    /// entry has none yet), else over a copy decoded for this call.
+    #[inline]
+    fn cached_of<T: CacheValue + Send + Sync + 'static, X>(e: L1Entry) -> Result<Cached<T>, Error<X>> {
+        if e.decoded.get().is_none() {
+            e.value::<T>().map_err(Error::Codec)?;
+        }
+        match Cached::over(e.clone()) {
+            Some(c) => Ok(c),
+            None => Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone())),
+        }
+    }
+
     /// `TIERCACHE.GET key ENCODED` on the main connection: the value's bytes, `None` on a miss, when
     /// Redis fails or with `skip_l2`.
     async fn get_l2(&self, key: &str, opts: &Opts) -> Result<Option<Vec<u8>>, Error<std::convert::Infallible>> {
@@ -736,6 +767,27 @@ impl TierCache {
             }
         }
         Ok(self.load_shared(key, opts, loader).await?.value)
+    }
+
+    /// [`TierCache::get_or_load`] as a [`Cached`] handle on L1's entry: the cheapest hit (one reference
+    /// count, as a raw `quick_cache` get of an `Arc<T>`).
+    #[inline]
+    pub async fn get_or_load_cached<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<Cached<T>, Error<E>>
+    where
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let i = &self.inner;
+        i.resume_coherence().await;
+        if !opts.skip_l1 {
+            if let Some(e) = i.l1_get(key) {
+                return Self::cached_of(e);
+            }
+        }
+        let loaded = self.load_shared(key, opts, loader).await?;
+        Ok(Cached::detached(loaded.value, loaded.bytes))
     }
 
     /// Local single-flight ([`flight`]): the first caller loads, the others share its outcome.

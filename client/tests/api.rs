@@ -55,6 +55,17 @@ async fn l1_hands_out_the_decoded_value_and_redis_keeps_the_shared_bytes() {
     let got = a.get_arc::<Profile>("p1").await.unwrap().unwrap();
     assert!(Arc::ptr_eq(&first, &got), "get_arc too");
     assert_eq!(a.metrics().l1_hits - m0.l1_hits, 2, "both were L1 hits");
+    // The `Cached` handle is L1's entry itself: it derefs to the same decoded value.
+    let c1 = a.get_or_load_cached("p1", &o, || async { Err::<Profile, String>("no".into()) }).await.unwrap();
+    let c2 = a.get_cached::<Profile>("p1").await.unwrap().unwrap();
+    assert!(std::ptr::eq(&*c1, &*first) && std::ptr::eq(&*c2, &*first), "no copy, no decode");
+    assert!(Arc::ptr_eq(&c1.to_arc(), &first));
+    assert_eq!(a.metrics().l1_hits - m0.l1_hits, 4, "four L1 hits");
+    // Read as another type, a handle over a copy decoded for the call.
+    assert_eq!(a.get_cached::<IdOnly>("p1").await.unwrap().unwrap().id, 1);
+    // A miss loaded through the handle API.
+    let c3 = a.get_or_load_cached("p3", &o, || async { Ok::<_, String>(profile(3)) }).await.unwrap();
+    assert_eq!(*c3, profile(3));
     // The by-value API still works on the same entry.
     assert_eq!(a.get::<Profile>("p1").await.unwrap(), Some(profile(1)));
     assert_eq!(a.get_or_load("p1", &o, || async { Err::<Profile, String>("no".into()) }).await.unwrap(), profile(1));
