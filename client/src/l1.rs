@@ -92,11 +92,14 @@ pub struct Cached<T> {
 }
 
 impl<T: Send + Sync + 'static> Cached<T> {
-    /// Over an entry whose decoded copy is a `T` (checked), else `None`.
+    /// Over an entry whose decoded copy is a `T` (checked), else the entry back.
     #[inline]
-    pub(crate) fn over(entry: L1Entry) -> Option<Cached<T>> {
-        let is_t = entry.decoded.get().is_some_and(|d| d.type_id == TypeId::of::<T>());
-        is_t.then_some(Cached { entry, _t: std::marker::PhantomData })
+    pub(crate) fn over(entry: L1Entry) -> Result<Cached<T>, L1Entry> {
+        if entry.decoded.get().is_some_and(|d| d.type_id == TypeId::of::<T>()) {
+            Ok(Cached { entry, _t: std::marker::PhantomData })
+        } else {
+            Err(entry)
+        }
     }
 
     /// A value outside L1 (a load, a read from Redis).

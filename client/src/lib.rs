@@ -572,9 +572,10 @@ impl TierCache {
         if e.decoded.get().is_none() {
             e.value::<T>().map_err(Error::Codec)?;
         }
-        match Cached::over(e.clone()) {
-            Some(c) => Ok(c),
-            None => Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone())),
+        // Moved in, not cloned: a hit costs the one reference count quick_cache's get took.
+        match Cached::over(e) {
+            Ok(c) => Ok(c),
+            Err(e) => Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone())),
         }
     }
 
