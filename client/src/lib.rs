@@ -1440,7 +1440,7 @@ impl Inner {
                 None
             }
             Some(e) if coarse_ms() < e.until => {
-                metrics::bump(&self.metrics.l1_hits);
+                self.metrics.l1_hits_local.inc();
                 Some(e)
             }
             // Past its deadline: a miss, kept only as a fail-safe copy.
