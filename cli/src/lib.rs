@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod exporter;
 pub mod message;
+pub mod pg;
 pub mod purge;
 pub mod serve;
 

@@ -24,6 +24,9 @@ enum Cmd {
     Purge(Box<PurgeArgs>),
     /// Serve every `INFO tiercache` field (and used_memory, maxmemory, evicted_keys) as Prometheus metrics.
     Exporter(ExporterArgs),
+    /// Invalidation driven by PostgreSQL commits: install triggers, run the outbox bridge.
+    #[command(subcommand)]
+    Pg(tiercache_cli::pg::PgCmd),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -223,6 +226,7 @@ fn main() -> ExitCode {
             match cli.cmd {
                 Cmd::Purge(a) => run_purge(*a).await,
                 Cmd::Exporter(a) => run_exporter(a).await,
+                Cmd::Pg(c) => tiercache_cli::pg::run(c).await,
             }
         };
         tokio::select! {
