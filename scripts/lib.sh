@@ -203,3 +203,13 @@ tc_ensure_edge_deps() {
         export VARNISHD=/usr/sbin/varnishd
     fi
 }
+
+# PostgreSQL server binaries (initdb, pg_ctl under /usr/lib/postgresql/<major>/bin) for the pg bridge and
+# warm tests (cli/tests/pg_bridge.rs, cli/tests/warm.rs): Debian 12's postgresql-15.
+tc_missing_pg_packages() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || echo postgresql-15
+}
+
+tc_ensure_pg_deps() {
+    tc_apt_ensure "the PostgreSQL tests" tc_missing_pg_packages
+}
