@@ -7,6 +7,7 @@ pub mod message;
 pub mod pg;
 pub mod purge;
 pub mod serve;
+pub mod warm;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {

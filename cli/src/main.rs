@@ -27,6 +27,8 @@ enum Cmd {
     /// Invalidation driven by PostgreSQL commits: install triggers, run the outbox bridge.
     #[command(subcommand)]
     Pg(tiercache_cli::pg::PgCmd),
+    /// Load hot rows into the cache from annotated SQL (PostgreSQL or SQLite), never over a fresher entry.
+    Warm(Box<tiercache_cli::warm::WarmArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -227,6 +229,7 @@ fn main() -> ExitCode {
                 Cmd::Purge(a) => run_purge(*a).await,
                 Cmd::Exporter(a) => run_exporter(a).await,
                 Cmd::Pg(c) => tiercache_cli::pg::run(c).await,
+                Cmd::Warm(a) => tiercache_cli::warm::cli(*a).await,
             }
         };
         tokio::select! {
