@@ -49,27 +49,20 @@ fn install(dsn: &str, map: &str) {
 }
 
 fn bridge(dir: &TempDir, name: &str, dsn: &str, map: &str, redis: &common::Server) -> Proc {
+    bridge_with(dir, name, dsn, map, redis, &[])
+}
+
+fn bridge_with(dir: &TempDir, name: &str, dsn: &str, map: &str, redis: &common::Server, extra: &[&str]) -> Proc {
     let url = format!("redis://127.0.0.1:{}/", redis.port);
-    harness::tiercache(
-        dir,
-        name,
-        &[
-            "pg",
-            "bridge",
-            "--dsn",
-            dsn,
-            "--map",
-            map,
-            "--redis",
-            &url,
-            "--backoff-min-ms",
-            "20",
-            "--backoff-max-ms",
-            "200",
-            "--recheck-ms",
-            "200",
-        ],
-    )
+    let mut args = vec!["pg", "bridge", "--dsn", dsn, "--map", map, "--redis", &url];
+    args.extend_from_slice(&["--backoff-min-ms", "20", "--backoff-max-ms", "200", "--recheck-ms", "200"]);
+    args.extend_from_slice(extra);
+    harness::tiercache(dir, name, &args)
+}
+
+/// The value of a sample line `name value` in an OpenMetrics text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 async fn outbox_len(c: &tokio_postgres::Client) -> i64 {
@@ -202,11 +195,18 @@ async fn bridge_killed_and_out_of_id_order_commits_lose_nothing() {
         db.execute("UPDATE users SET version = version + 1 WHERE id = $1", &[&id]).await.unwrap();
     }
     assert_eq!(outbox_len(&db).await, 20);
-    let mut b = bridge(&dir, "bridge2", &dsn, &map, &redis);
+    let mport = harness::free_port();
+    let listen = format!("127.0.0.1:{mport}");
+    let mut b = bridge_with(&dir, "bridge2", &dsn, &map, &redis, &["--metrics-listen", &listen]);
     for id in 20..40 {
         assert!(gone(&redis, &format!("u{id}")).await, "u{id} lost across a bridge kill:\n{}", b.log_text());
     }
     assert!(wait_until(Duration::from_secs(20), || async { outbox_len(&db).await == 0 }).await);
+    // The metrics: 20 rows delivered, each with a lag observation.
+    let text = reqwest::get(format!("http://{listen}/metrics")).await.unwrap().text().await.unwrap();
+    assert_eq!(sample(&text, "tiercache_bridge_rows_total"), Some(20.0), "{text}");
+    assert_eq!(sample(&text, "tiercache_bridge_lag_seconds_count"), Some(20.0), "{text}");
+    assert!(sample(&text, "tiercache_bridge_invalidate_commands_total").unwrap_or(0.0) >= 1.0, "{text}");
     // A second bridge stands by while the first holds the lock.
     let b3 = bridge(&dir, "bridge3", &dsn, &map, &redis);
     assert!(
