@@ -237,3 +237,31 @@ async fn warms_from_sqlite() {
     assert_eq!(r.int(&cmd!("TIERCACHE.INVALIDATE", "org:1")), 1, "user 1 carries org:1; user 2 (NULL org) no org tag");
     assert!(r.pttl("app:v1:user:2") <= 60_000);
 }
+
+/// On a terminal (a pty from `script`), a progress bar instead of log lines; `--rate` still completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_bar_on_a_terminal() {
+    let dir = TempDir::new("warm-tty");
+    let path = dir.path().join("app.db");
+    {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY); WITH RECURSIVE g(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM g WHERE n < 30) INSERT INTO t SELECT n FROM g;")
+            .unwrap();
+    }
+    let file = dir.path().join("warm.sql");
+    std::fs::write(&file, "-- tiercache: name=ids key=t:{id}\nSELECT id FROM t;\n").unwrap();
+    let redis = common::Server::start();
+    let line = format!(
+        "{} warm --sqlite {} --file {} --redis redis://127.0.0.1:{}/ --batch 5 --rate 300",
+        harness::bin(),
+        path.display(),
+        file.display(),
+        redis.port
+    );
+    let out = Command::new("script").args(["-qec", &line, "/dev/null"]).output().expect("run script(1)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("30/30 keys") && text.contains("[="), "no progress bar on a terminal:\n{text}");
+    assert!(!text.contains("(loaded"), "log lines on a terminal:\n{text}");
+    assert!(text.contains("warm: loaded 30, skipped 0, errors 0"), "{text}");
+}
