@@ -207,7 +207,7 @@ impl Source {
                     Some(k) => c.query(&sql, &[&k]).await,
                     None => c.query(&sql, &[]).await,
                 }
-                .map_err(|e| format!("query {}: {e}", q.name))?;
+                .map_err(|e| format!("query {}: {}", q.name, crate::pg::pg_err(&e)))?;
                 rows.iter().map(|r| pg_row(r, ntags)).filter_map(Result::transpose).collect()
             }
             Source::Sqlite(path) => {
@@ -686,7 +686,9 @@ pub async fn cli(a: WarmArgs) -> Result<(), String> {
     let text = std::fs::read_to_string(&a.file).map_err(|e| format!("cannot read {}: {e}", a.file))?;
     let source = match (a.dsn, a.sqlite) {
         (Some(dsn), None) => {
-            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls).await.map_err(|e| format!("PostgreSQL: {e}"))?;
+            let (c, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| format!("PostgreSQL: {}", crate::pg::pg_err(&e)))?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     log(&format!("PostgreSQL connection: {e}"));

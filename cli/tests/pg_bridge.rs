@@ -161,6 +161,22 @@ async fn install_rejects_unknown_columns() {
     let map = write_map(&dir, "[tables.nope]\ntags = [\"x:{id}\"]\n");
     let (ok, out) = run_cli(&["pg", "install", "--dsn", &dsn, "--map", &map]);
     assert!(!ok && out.contains("does not exist"), "{out}");
+    // A table whose trigger function name would pass PostgreSQL's 63-byte identifier limit, in its own
+    // schema: installs, re-installs (idempotent) and writes the outbox.
+    let long = "a_table_with_a_rather_long_name_of_55_characters_______";
+    assert_eq!(long.len(), 55);
+    let db = pgharness::connect(&dsn).await;
+    db.batch_execute(&format!(
+        "CREATE SCHEMA app; CREATE TABLE app.{long} (id int PRIMARY KEY); INSERT INTO app.{long} VALUES (1)"
+    ))
+    .await
+    .unwrap();
+    let map = write_map(&dir, &format!("[tables.\"app.{long}\"]\ntags = [\"t:{{id}}\"]\n"));
+    install(&dsn, &map);
+    install(&dsn, &map);
+    db.batch_execute(&format!("UPDATE app.{long} SET id = 2")).await.unwrap();
+    let tags: Vec<String> = db.query_one("SELECT tags FROM tiercache.outbox", &[]).await.unwrap().get(0);
+    assert_eq!(tags, vec!["t:1".to_string(), "t:2".to_string()]);
 }
 
 /// Rows committed while the bridge is dead, and rows whose commit overtakes an earlier-id row of a

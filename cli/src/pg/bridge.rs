@@ -52,6 +52,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::mapping::ident;
+use super::pg_err;
 use crate::log;
 
 /// At most this many tags per INVALIDATE (the module's limit).
@@ -270,7 +271,7 @@ impl Drop for AbortOnDrop {
 async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> String {
     let (client, mut connection) = match tokio_postgres::connect(&cfg.dsn, NoTls).await {
         Ok(c) => c,
-        Err(e) => return e.to_string(),
+        Err(e) => return pg_err(&e),
     };
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let _conn = AbortOnDrop(tokio::spawn(async move {
@@ -282,7 +283,7 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    log(&format!("pg bridge: connection: {e}"));
+                    log(&format!("pg bridge: connection: {}", pg_err(&e)));
                     break;
                 }
             }
@@ -291,7 +292,7 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
     }));
     let s = ident(&cfg.schema);
     if let Err(e) = client.batch_execute(&format!("LISTEN {}", ident(&cfg.channel))).await {
-        return e.to_string();
+        return pg_err(&e);
     }
     // Only one bridge delivers at a time (see the module doc); the others wait here.
     let lock_key = format!("tiercache pg bridge {}", cfg.schema);
@@ -306,12 +307,12 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
                 }
                 tokio::time::sleep(cfg.recheck).await;
             }
-            Err(e) => return e.to_string(),
+            Err(e) => return pg_err(&e),
         }
     }
     let commit_ts = match client.query_one("SELECT current_setting('track_commit_timestamp') = 'on'", &[]).await {
         Ok(r) => r.get::<_, bool>(0),
-        Err(e) => return e.to_string(),
+        Err(e) => return pg_err(&e),
     };
     // The commit time of a row when PostgreSQL records it, otherwise the row's write time (a lag that
     // then also counts the rest of the writing transaction).
@@ -324,11 +325,11 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
         .await
     {
         Ok(st) => st,
-        Err(e) => return format!("{e} (is `tiercache pg install` done on this database?)"),
+        Err(e) => return format!("{} (is `tiercache pg install` done on this database?)", pg_err(&e)),
     };
     let delete = match client.prepare(&format!("DELETE FROM {s}.outbox WHERE id = ANY($1)")).await {
         Ok(st) => st,
-        Err(e) => return e.to_string(),
+        Err(e) => return pg_err(&e),
     };
     log(&format!(
         "pg bridge: listening on {} (outbox {s}.outbox, lag from {})",
@@ -343,7 +344,7 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
             metrics.passes.inc();
             let rows = match client.query(&select, &[]).await {
                 Ok(r) => r,
-                Err(e) => return e.to_string(),
+                Err(e) => return pg_err(&e),
             };
             if rows.is_empty() {
                 break;
@@ -368,7 +369,7 @@ async fn session(cfg: &Config, redis: &mut RedisSide, metrics: &Metrics) -> Stri
             }
             if let Err(e) = client.execute(&delete, &[&ids]).await {
                 // Delivered but not deleted: sent again by the next pass (at-least-once).
-                return e.to_string();
+                return pg_err(&e);
             }
             metrics.rows.inc_by(ids.len() as u64);
             metrics.tags.inc_by(tags.len() as u64);

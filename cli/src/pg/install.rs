@@ -6,6 +6,8 @@
 
 use tokio_postgres::Client;
 
+use super::pg_err;
+
 use super::mapping::{function_name, ident, literal, parse_template, split_table, template_sql, Mapping, Part, TRIGGER_NAME};
 
 /// The statements that create the outbox (run first, in the install transaction).
@@ -79,7 +81,7 @@ async fn installed_triggers(tx: &tokio_postgres::Transaction<'_>, schema: &str) 
             &[&TRIGGER_NAME, &schema],
         )
         .await
-        .map_err(|e| format!("listing triggers: {e}"))?;
+        .map_err(|e| format!("listing triggers: {}", pg_err(&e)))?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
@@ -92,7 +94,7 @@ async fn installed_functions(tx: &tokio_postgres::Transaction<'_>, schema: &str)
             &[&schema],
         )
         .await
-        .map_err(|e| format!("listing functions: {e}"))?;
+        .map_err(|e| format!("listing functions: {}", pg_err(&e)))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -104,10 +106,10 @@ pub struct Report {
 }
 
 pub async fn install(client: &mut Client, m: &Mapping) -> Result<Report, String> {
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
+    let tx = client.transaction().await.map_err(|e| pg_err(&e))?;
     // Two installs at once would interleave their DDL: serialise them.
-    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('tiercache pg install'))").await.map_err(|e| e.to_string())?;
-    tx.batch_execute(&outbox_sql(m)).await.map_err(|e| format!("creating the outbox: {e}"))?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('tiercache pg install'))").await.map_err(|e| pg_err(&e))?;
+    tx.batch_execute(&outbox_sql(m)).await.map_err(|e| format!("creating the outbox: {}", pg_err(&e)))?;
     let mut report = Report::default();
     let mut keep_fns = Vec::new();
     for (table, t) in &m.tables {
@@ -120,7 +122,7 @@ pub async fn install(client: &mut Client, m: &Mapping) -> Result<Report, String>
                 &[&ts, &tn],
             )
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| pg_err(&e))?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -134,7 +136,7 @@ pub async fn install(client: &mut Client, m: &Mapping) -> Result<Report, String>
                 }
             }
         }
-        tx.batch_execute(&trigger_sql(m, table, &templates)?).await.map_err(|e| format!("table {ts}.{tn}: {e}"))?;
+        tx.batch_execute(&trigger_sql(m, table, &templates)?).await.map_err(|e| format!("table {ts}.{tn}: {}", pg_err(&e)))?;
         keep_fns.push(function_name(&ts, &tn));
         report.installed.push(format!("{ts}.{tn}"));
     }
@@ -142,46 +144,45 @@ pub async fn install(client: &mut Client, m: &Mapping) -> Result<Report, String>
         if !report.installed.contains(&format!("{ts}.{tn}")) {
             tx.batch_execute(&format!("DROP TRIGGER {} ON {}.{}", ident(TRIGGER_NAME), ident(&ts), ident(&tn)))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| pg_err(&e))?;
             report.removed.push(format!("{ts}.{tn}"));
         }
     }
     for f in installed_functions(&tx, &m.schema).await? {
         if !keep_fns.contains(&f) {
-            tx.batch_execute(&format!("DROP FUNCTION {}.{}()", ident(&m.schema), ident(&f))).await.map_err(|e| e.to_string())?;
+            tx.batch_execute(&format!("DROP FUNCTION {}.{}()", ident(&m.schema), ident(&f))).await.map_err(|e| pg_err(&e))?;
         }
     }
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| pg_err(&e))?;
     Ok(report)
 }
 
 /// Removes every trigger and function of the schema, and the outbox: refused while the outbox still
 /// holds rows (invalidations not delivered yet) unless `force`.
 pub async fn uninstall(client: &mut Client, m: &Mapping, force: bool) -> Result<Report, String> {
-    let tx = client.transaction().await.map_err(|e| e.to_string())?;
-    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('tiercache pg install'))").await.map_err(|e| e.to_string())?;
+    let tx = client.transaction().await.map_err(|e| pg_err(&e))?;
+    tx.batch_execute("SELECT pg_advisory_xact_lock(hashtext('tiercache pg install'))").await.map_err(|e| pg_err(&e))?;
     let s = ident(&m.schema);
     let mut report = Report::default();
     for (ts, tn) in installed_triggers(&tx, &m.schema).await? {
         tx.batch_execute(&format!("DROP TRIGGER {} ON {}.{}", ident(TRIGGER_NAME), ident(&ts), ident(&tn)))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| pg_err(&e))?;
         report.removed.push(format!("{ts}.{tn}"));
     }
     for f in installed_functions(&tx, &m.schema).await? {
-        tx.batch_execute(&format!("DROP FUNCTION {s}.{}()", ident(&f))).await.map_err(|e| e.to_string())?;
+        tx.batch_execute(&format!("DROP FUNCTION {s}.{}()", ident(&f))).await.map_err(|e| pg_err(&e))?;
     }
     let exists: bool =
-        tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{s}.outbox")]).await.map_err(|e| e.to_string())?.get(0);
+        tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("{s}.outbox")]).await.map_err(|e| pg_err(&e))?.get(0);
     if exists {
-        let pending: i64 =
-            tx.query_one(&format!("SELECT count(*) FROM {s}.outbox"), &[]).await.map_err(|e| e.to_string())?.get(0);
+        let pending: i64 = tx.query_one(&format!("SELECT count(*) FROM {s}.outbox"), &[]).await.map_err(|e| pg_err(&e))?.get(0);
         if pending > 0 && !force {
             return Err(format!(
                 "the outbox still holds {pending} undelivered row(s): run the bridge until it is empty, or pass --force"
             ));
         }
-        tx.batch_execute(&format!("DROP TABLE {s}.outbox")).await.map_err(|e| e.to_string())?;
+        tx.batch_execute(&format!("DROP TABLE {s}.outbox")).await.map_err(|e| pg_err(&e))?;
     }
     // The schema goes only when nothing else lives in it (it may be shared with the application).
     let empty: bool = tx
@@ -192,11 +193,11 @@ pub async fn uninstall(client: &mut Client, m: &Mapping, force: bool) -> Result<
             &[&m.schema],
         )
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| pg_err(&e))?
         .get(0);
     if empty && m.schema != "public" {
-        tx.batch_execute(&format!("DROP SCHEMA {s}")).await.map_err(|e| e.to_string())?;
+        tx.batch_execute(&format!("DROP SCHEMA {s}")).await.map_err(|e| pg_err(&e))?;
     }
-    tx.commit().await.map_err(|e| e.to_string())?;
+    tx.commit().await.map_err(|e| pg_err(&e))?;
     Ok(report)
 }

@@ -158,7 +158,17 @@ pub fn template_sql(prefix: &str, parts: &[Part], row: &str) -> String {
 
 /// The name of the trigger function of a table (one per table, in the mapping's schema).
 pub fn function_name(schema: &str, table: &str) -> String {
-    format!("invalidate__{schema}__{table}")
+    let name = format!("invalidate__{schema}__{table}");
+    if name.len() <= 63 {
+        return name;
+    }
+    // PostgreSQL truncates identifiers to 63 bytes: keep long names unique and untruncated.
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let mut cut = 40;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{h:016x}", &name[..cut])
 }
 
 pub const TRIGGER_NAME: &str = "tiercache_invalidate";
@@ -184,6 +194,15 @@ mod tests {
     fn sql_is_quoted() {
         let parts = parse_template("o'k:{we\"ird}").unwrap();
         assert_eq!(template_sql("p:", &parts, "NEW"), "('p:' || 'o''k:' || NEW.\"we\"\"ird\"::text)");
+    }
+
+    #[test]
+    fn long_function_names_fit_postgres_identifiers() {
+        assert_eq!(function_name("tiercache", "users"), "invalidate__tiercache__users");
+        let a = function_name("tiercache", &"t".repeat(80));
+        let b = function_name("tiercache", &format!("{}x", "t".repeat(79)));
+        assert!(a.len() <= 63 && b.len() <= 63 && a != b);
+        assert!(function_name("é".repeat(30).as_str(), "t").len() <= 63);
     }
 
     #[test]

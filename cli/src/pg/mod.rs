@@ -77,11 +77,30 @@ pub struct BridgeArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
+/// A PostgreSQL error with the server's message, detail and hint (the error's own Display is terse).
+pub fn pg_err(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!(" ({d})"));
+        }
+        if let Some(h) = db.hint() {
+            s.push_str(&format!(" hint: {h}"));
+        }
+        return s;
+    }
+    match std::error::Error::source(e) {
+        Some(src) => format!("{e}: {src}"),
+        None => e.to_string(),
+    }
+}
+
 async fn connect(dsn: &str) -> Result<tokio_postgres::Client, String> {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await.map_err(|e| format!("PostgreSQL: {e}"))?;
+    let (client, conn) =
+        tokio_postgres::connect(dsn, tokio_postgres::NoTls).await.map_err(|e| format!("PostgreSQL: {}", pg_err(&e)))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            log(&format!("PostgreSQL connection: {e}"));
+            log(&format!("PostgreSQL connection: {}", pg_err(&e)));
         }
     });
     Ok(client)
