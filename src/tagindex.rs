@@ -386,9 +386,13 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
                 timed(|r| r.swap(a, b));
             }
         }
-        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER => {
-            // A promoted replica never queued invalidated entries: find them now.
-            index_everything(ctx);
+        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED => {
+            // Either way, something may read what this node propagates now (its backlog, new replicas).
+            crate::propagation::listened(ctx);
+            if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER {
+                // A promoted replica never queued invalidated entries: find them now.
+                index_everything(ctx);
+            }
         }
         _ => {}
     })

@@ -13,9 +13,10 @@ use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 use crate::acl::{self, Access};
 use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
-use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
+use crate::ffi::{api, bytes, now_ms, ArgBytes, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::leases;
+use crate::propagation;
 use crate::reply::{self, Value};
 use crate::stats;
 use crate::tagindex;
@@ -33,16 +34,18 @@ const SCRATCH_KEEP: usize = 1 << 20;
 ///
 /// A value whose decoded size exceeds `tiercache.max-value-size` is refused. Everything is validated
 /// and the entry is built before the key is touched, so an error changes nothing. The write is
-/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs) whenever anything reads the
+/// propagated stream, verbatim otherwise (see propagation.rs).
 pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
     }
-    let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
+    let opts = ArgBytes::new(&args[3..]);
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
-    let replay = replayed(ctx);
+    let flags = ctx_flags(ctx);
+    let replay = replayed(flags);
     let max_tags = if replay { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
     let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
@@ -102,7 +105,9 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         .tags_at
         .filter(|_| entry.tags().len() == parsed.tags.len())
         .and_then(|at| args.get(3 + at..3 + at + 1 + parsed.tags.len()));
-    let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl);
+    // The effect form only when something reads the propagated stream (see propagation.rs).
+    let effect = propagation::needs_effects(ctx, flags)
+        .then(|| SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl));
     // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
     let mut entry = entry;
     let fill = match parsed.lease {
@@ -140,7 +145,10 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         }
     }
     drop(key);
-    effect.replicate();
+    match effect {
+        Some(effect) => effect.replicate(),
+        None => propagation::replicate_verbatim(ctx),
+    }
     // SAFETY: live command context and key name; the event name is a C string.
     unsafe {
         api!(RedisModule_NotifyKeyspaceEvent)(
@@ -154,11 +162,15 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     reply::ok(ctx)
 }
 
-/// True when the command comes from the master's stream or from AOF loading.
-fn replayed(ctx: Ctx) -> bool {
-    let flags = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+fn ctx_flags(ctx: Ctx) -> c_int {
     // SAFETY: ctx is the live command context.
-    (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & flags) != 0
+    unsafe { api!(RedisModule_GetContextFlags)(ctx) }
+}
+
+/// True when the command comes from the master's stream or from AOF loading.
+fn replayed(flags: c_int) -> bool {
+    let replay = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+    flags & replay != 0
 }
 
 /// TIERCACHE.GET key [ENCODED]
@@ -169,7 +181,7 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     let encoded = match args.len() {
         2 => false,
         n if n > 2 => {
-            let opts: Vec<&[u8]> = args[2..].iter().map(|&s| bytes(s)).collect();
+            let opts = ArgBytes::new(&args[2..]);
             match parse_get(&opts) {
                 Ok(GetArgs { encoded, with_ttl, lease: Some(lease) }) => {
                     return get_lease(ctx, args[1], lease, leases::Shape { encoded, with_ttl })
