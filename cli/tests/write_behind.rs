@@ -140,7 +140,7 @@ async fn killed_workers_lose_nothing_and_keep_each_keys_order() {
     let mut kills = 0;
     let mut round = 0u64;
     while !load.is_finished() || kills < 6 {
-        let consumer = if round % 2 == 0 { "w-same".to_string() } else { format!("w-{round}") };
+        let consumer = if round.is_multiple_of(2) { "w-same".to_string() } else { format!("w-{round}") };
         let mut w = worker(&dir, &format!("worker-{round}"), &redis, &dsn, "wbk", &consumer, &[]);
         tokio::time::sleep(Duration::from_millis(150 + (round * 137) % 450)).await;
         w.assert_running();

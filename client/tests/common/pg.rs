@@ -107,7 +107,9 @@ fn start() -> Pg {
         pid = std::process::id(),
         dir = dir.display()
     );
-    Command::new("sh")
+    // It outlives this process on purpose (it cleans up after it), so it is never waited for.
+    #[allow(clippy::zombie_processes)]
+    let _watchdog = Command::new("sh")
         .arg("-c")
         .arg(script)
         .stdin(Stdio::null())
