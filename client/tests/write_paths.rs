@@ -195,6 +195,49 @@ async fn readers_during_the_write_receive_the_new_value() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "the parked reader got the writer's value, no load");
 }
 
+/// Writer A commits v2 but is slow to return (its cache step comes later); writer B commits v3 and
+/// updates the cache meanwhile. A's cache step must not put v2 over v3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_cache_step_of_an_earlier_commit_loses() {
+    let server = common::Server::start();
+    let db = users_db("wt_late", "v1").await;
+    let (a, b) = (cache(&server).await, cache(&server).await);
+    let (committed, b_done) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (v2, o) = ("v2".to_string(), opts());
+    let slow = {
+        let (db, committed, b_done) = (db.clone(), committed.clone(), b_done.clone());
+        a.write_through("user:1", &v2, &o, move || async move {
+            let n = db.execute("UPDATE users SET name = 'v2' WHERE id = 1", &[]).await;
+            committed.notify_one();
+            b_done.notified().await;
+            n
+        })
+    };
+    let fast = async {
+        committed.notified().await;
+        let d = db.clone();
+        b.write_through("user:1", &"v3".to_string(), &opts(), || async move {
+            d.execute("UPDATE users SET name = 'v3' WHERE id = 1", &[]).await
+        })
+        .await
+        .unwrap();
+        b_done.notify_one();
+    };
+    let (r, ()) = tokio::join!(slow, fast);
+    r.unwrap();
+    assert_eq!(row(&db).await, "v3");
+    let raw = server.conn().get(a.redis_key("user:1"));
+    assert!(
+        raw.is_none() || raw == Some(msgpack_str("v3")),
+        "Redis holds {:?}",
+        raw.map(|r| String::from_utf8_lossy(&r).into_owned())
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for c in [&a, &b] {
+        assert_eq!(c.get_or_load("user:1", &opts(), loader(db.clone(), Arc::new(AtomicU32::new(0)))).await.unwrap(), "v3");
+    }
+}
+
 /// Two instances, four writers each, one key: whatever the interleaving, the cache ends with the last
 /// committed value or no entry, never an older one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
