@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// How long a shard's ownership lasts without renewal.
     #[arg(long, default_value_t = 10_000)]
     pub lock_ttl_ms: u64,
+    /// The clients' schema version (`TierCache::builder(...).schema_version(...)`): cache keys are
+    /// `<namespace>:v<version>:<key>`.
+    #[arg(long, default_value_t = 1)]
+    pub schema_version: u32,
     /// Serve tiercache_write_behind_* metrics on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -245,6 +249,19 @@ enum ApplyError {
     /// The connection failed: retried forever on a new connection.
     Connection(String),
 }
+
+/// After the last accepted write of a key is applied (or dead-lettered): forget it and delete the
+/// cache entry (`TIERCACHE.DEL`, which also fences a load in flight), so that a value loaded from the
+/// database while the write was queued (the entry expired meanwhile) can't outlive the queue. A newer
+/// accept of the key leaves both alone. KEYS: latest hash, cache key. ARGV: key, entry id.
+const SETTLED_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('TIERCACHE.DEL', KEYS[2])
+  return 1
+end
+return 0
+"#;
 
 /// Take the shard when it is free or already ours (the same consumer after a restart).
 const LOCK_SCRIPT: &str = r#"
@@ -486,6 +503,19 @@ impl Worker {
                     }
                 }
             }
+        }
+        if let Some(k) = e.fields.get("k") {
+            let cache_key = [format!("{}:v{}:", self.args.namespace, self.args.schema_version).as_bytes(), k].concat();
+            let _: i64 = redis::cmd("EVAL")
+                .arg(SETTLED_SCRIPT)
+                .arg(2)
+                .arg(format!("{stream}:latest"))
+                .arg(cache_key)
+                .arg(k)
+                .arg(&e.id)
+                .query_async(conn)
+                .await
+                .map_err(|err| format!("settling the cache entry: {err}"))?;
         }
         let _: i64 = redis::cmd("XACK")
             .arg(stream)

@@ -123,8 +123,10 @@ async fn killed_workers_lose_nothing_and_keep_each_keys_order() {
                         let v = Item { seq, poison: None, pad: "x".repeat(k * 10) };
                         let acc = cache.write_behind(&key, &v, &Opts::default(), Some(&format!("{key}/{seq}"))).await.unwrap();
                         assert!(acc.new);
-                        // Readers see the write at once.
-                        assert_eq!(cache.get::<Item>(&key).await.unwrap(), Some(v));
+                        // Readers see the write at once (or nothing, if a worker applied it and settled
+                        // the entry already; never an older value).
+                        let got = cache.get::<Item>(&key).await.unwrap();
+                        assert!(got.is_none() || got == Some(v.clone()), "{key}: read {got:?} after accepting {v:?}");
                         tokio::time::sleep(Duration::from_millis(2 + (seq as u64 % 5))).await;
                     }
                 }));
@@ -259,4 +261,47 @@ async fn poison_entries_are_retried_then_dead_lettered() {
     })
     .await;
     assert!(settled, "{}", scrape(metrics_port).await);
+}
+
+/// An entry that expired while its write was queued is reloaded from the database with the old row;
+/// once the worker has applied the key's last queued write, that stale copy is gone and the next read
+/// loads the new row. A key with a newer queued write keeps its accepted value until that one applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_loaded_while_queued_is_dropped_once_applied() {
+    let server = common::Server::start();
+    let redis = format!("redis://127.0.0.1:{}/", server.port);
+    let (dsn, db) = setup_db("wb_settle").await;
+    db.batch_execute("INSERT INTO kv VALUES ('item:1', '{\"seq\": 0, \"pad\": \"\"}')").await.unwrap();
+    let dir = TempDir::new("wb-settle");
+    let cache = TierCache::builder(&redis).namespace("wbs").build().await.unwrap();
+    let load = |dsn: String| {
+        move || async move {
+            let db = pg::connect(&dsn).await;
+            let v: String = db.query_one("SELECT v::text FROM kv WHERE k = 'item:1'", &[]).await.unwrap().get(0);
+            Ok::<Item, std::io::Error>(serde_json::from_str(&v).unwrap())
+        }
+    };
+    cache.write_behind("item:1", &Item { seq: 1, poison: None, pad: String::new() }, &Opts::default(), None).await.unwrap();
+    // The entry goes (expiry, eviction) while the write is queued: a reader reloads the old row.
+    server.conn().run(&cmd!("DEL", cache.redis_key("item:1")));
+    tokio::time::sleep(Duration::from_millis(50)).await; // the tracking push drops the L1 copy
+    let stale = cache.get_or_load("item:1", &Opts::default(), load(dsn.clone())).await.unwrap();
+    assert_eq!(stale.seq, 0);
+    let full = cache.redis_key("item:1");
+    assert!(server.conn().get(&full).is_some());
+
+    let mut w = worker(&dir, "worker", &redis, &dsn, "wbs", "w1", &[]);
+    let applied_one = wait_until(Duration::from_secs(30), || async { log_count(&db).await >= 1 }).await;
+    assert!(applied_one, "{}", w.log_text());
+    let settled = wait_until(Duration::from_secs(10), || async { server.conn().get(&full).is_none() }).await;
+    w.assert_running();
+    assert!(settled, "the stale copy outlived the queue");
+    assert_eq!(
+        server
+            .conn()
+            .int(&cmd!("HLEN", format!("{}:latest", write_behind_stream("wbs", tiercache_client::write_behind_shard("item:1"))))),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(cache.get_or_load("item:1", &Opts::default(), load(dsn.clone())).await.unwrap().seq, 1);
 }

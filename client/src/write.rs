@@ -73,9 +73,10 @@ pub enum WriteOp {
     Delete,
 }
 
-/// XADD + idempotency record + cache update, atomically. KEYS: stream, idempotency key (or the
-/// stream again when there is no id), cache key. ARGV: idempotency TTL ms (0: no id), k, op, v, id,
-/// ts, then the cache command's name and arguments.
+/// XADD + idempotency record + the key's latest entry id (`<stream>:latest`, a hash the worker clears
+/// when it has applied that entry) + cache update, atomically. KEYS: stream, idempotency key (or the
+/// stream again when there is no id), cache key, latest hash. ARGV: idempotency TTL ms (0: no id), k,
+/// op, v, id, ts, then the cache command's name and arguments.
 const ACCEPT_SCRIPT: &str = r#"
 local ttl = tonumber(ARGV[1])
 if ttl > 0 then
@@ -84,6 +85,7 @@ if ttl > 0 then
 end
 local id = redis.call('XADD', KEYS[1], '*', 'k', ARGV[2], 'op', ARGV[3], 'v', ARGV[4], 'id', ARGV[5], 'ts', ARGV[6])
 if ttl > 0 then redis.call('SET', KEYS[2], id, 'PX', ttl) end
+redis.call('HSET', KEYS[4], ARGV[2], id)
 redis.call(unpack(ARGV, 7))
 return {1, id}
 "#;
@@ -223,7 +225,7 @@ impl TierCache {
         let ttl = if idempotency_id.is_some() { DEFAULT_IDEMPOTENCY_TTL.as_millis() as u64 } else { 0 };
         let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(ACCEPT_SCRIPT).arg(3).arg(&stream).arg(&idem_key).arg(full);
+        cmd.arg(ACCEPT_SCRIPT).arg(4).arg(&stream).arg(&idem_key).arg(full).arg(format!("{stream}:latest"));
         cmd.arg(ttl).arg(key).arg(match op {
             WriteOp::Set => "set",
             WriteOp::Delete => "del",
