@@ -8,6 +8,7 @@ pub mod pg;
 pub mod purge;
 pub mod serve;
 pub mod warm;
+pub mod write_behind;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {

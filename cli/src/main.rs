@@ -29,6 +29,9 @@ enum Cmd {
     Pg(tiercache_cli::pg::PgCmd),
     /// Load hot rows into the cache from annotated SQL (PostgreSQL or SQLite), never over a fresher entry.
     Warm(Box<tiercache_cli::warm::WarmArgs>),
+    /// Write-behind: apply the writes clients queued on Redis Streams to PostgreSQL (cli/src/write_behind.rs).
+    #[command(subcommand)]
+    WriteBehind(tiercache_cli::write_behind::Command),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -230,6 +233,7 @@ fn main() -> ExitCode {
                 Cmd::Exporter(a) => run_exporter(a).await,
                 Cmd::Pg(c) => tiercache_cli::pg::run(c).await,
                 Cmd::Warm(a) => tiercache_cli::warm::cli(*a).await,
+                Cmd::WriteBehind(c) => tiercache_cli::write_behind::main(c).await,
             }
         };
         tokio::select! {
