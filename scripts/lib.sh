@@ -195,7 +195,8 @@ tc_missing_edge_packages() {
 }
 
 # PostgreSQL server binaries (initdb, pg_ctl under /usr/lib/postgresql/<major>/bin): the write-path
-# tests (client/tests/write_paths.rs, cli/tests/write_behind.rs) start a throwaway cluster.
+# tests (client/tests/write_paths.rs, cli/tests/write_behind.rs) and the pg bridge and warm tests
+# (cli/tests/pg_bridge.rs, cli/tests/warm.rs) start a throwaway cluster.
 tc_missing_pg_packages() {
     compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || echo postgresql
 }

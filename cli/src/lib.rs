@@ -4,8 +4,10 @@
 pub mod backend;
 pub mod exporter;
 pub mod message;
+pub mod pg;
 pub mod purge;
 pub mod serve;
+pub mod warm;
 pub mod write_behind;
 
 /// Milliseconds since the Unix epoch.
