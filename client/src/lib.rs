@@ -24,6 +24,8 @@ mod error;
 mod flight;
 mod l1;
 mod metrics;
+// The write paths (write-through, invalidations after commit, write-behind): client/src/write.rs.
+mod write;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -46,6 +48,10 @@ pub use l1::Cached;
 pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
 /// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
 pub use prometheus_client;
+pub use write::{
+    write_behind_shard, write_behind_stream, Accepted, TxError, TxInvalidations, WriteOp, DEFAULT_IDEMPOTENCY_TTL,
+    WRITE_BEHIND_SHARDS,
+};
 
 /// Per-call options of [`TierCache::get_or_load`] and [`TierCache::set`].
 #[derive(Debug, Clone, Default)]
@@ -610,12 +616,13 @@ impl TierCache {
         // A read that reached Redis before this write may be about to put the old value in L1 (and
         // NOLOOP means no push for our own write): void it, then store the new value.
         self.inner.drop_key(full);
-        if self.inner.cfg.tracking_mode == Tracking::ReadKeys && !opts.skip_l2 {
-            // Our own write untracked the key on the server: the next read fetches (and tracks) it.
-            return;
-        }
         let ticket = self.inner.ticket(full, opts);
-        self.inner.l1_put(full, None, raw.into(), opts, ticket);
+        if opts.skip_l2 {
+            // Nothing was written to Redis: nothing untracked either.
+            self.inner.l1_put(full, None, raw.into(), opts, ticket);
+        } else {
+            self.inner.l1_put_own_write(full, raw, opts, ticket);
+        }
     }
 
     /// Reads many keys: L1 first, then every miss in one pipelined round trip (`TIERCACHE.GET key
@@ -1156,6 +1163,15 @@ impl Inner {
             self.lost_connection().await;
         }
         r
+    }
+
+    /// L1 takes the value this client just wrote, except with [`Tracking::ReadKeys`]: the write untracked
+    /// the key on the server, so nothing would tell of the next change (the next read fetches it).
+    fn l1_put_own_write(&self, full: &str, raw: Vec<u8>, opts: &Opts, ticket: Ticket) {
+        if self.cfg.tracking_mode == Tracking::ReadKeys {
+            return;
+        }
+        self.l1_put(full, None, raw.into(), opts, ticket);
     }
 
     /// Whether values read or filled through a lease connection may enter L1: with
