@@ -468,6 +468,18 @@ impl TierCache {
         }
     }
 
+    /// Starts a configuration for a Redis Cluster reached through any of `nodes` (`redis://host:port`);
+    /// see [`Builder::cluster`].
+    pub fn builder_cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Builder {
+        Self::builder("").cluster(nodes)
+    }
+
+    /// Starts a configuration for the master the Sentinels at `sentinels` name `master_name`; see
+    /// [`Builder::sentinel`].
+    pub fn builder_sentinel<S: Into<String>>(sentinels: impl IntoIterator<Item = S>, master_name: impl Into<String>) -> Builder {
+        Self::builder("").sentinel(sentinels, master_name)
+    }
+
     /// Counters and gauges now.
     pub fn metrics(&self) -> Snapshot {
         let i = &self.inner;

@@ -14,39 +14,82 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture, Value};
+use redis::{Arg, AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture, Value};
 
-/// A connection commands are sent on: one server's, or the cluster's (routing by key).
+/// A connection commands are sent on: one server's, or the cluster's (routing by key). The main
+/// cluster connection also has the feeds' [`Routes`]: a `TIERCACHE.*` command goes on the feed of the
+/// key's master when known, so that the feed's `NOLOOP` keeps this process's own writes from coming
+/// back as invalidations of what it just put in L1; a MOVED or ASK answer sends it on through the
+/// cluster connection (which follows redirections and refreshes its slots).
 #[derive(Clone)]
 pub(crate) enum Conn {
     Single(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, Option<Arc<Mutex<Routes>>>),
+}
+
+/// Masters' slots and the feed connection of each (cluster).
+#[derive(Default)]
+pub(crate) struct Routes {
+    /// Masters by node id: (address, slot ranges).
+    topology: Topology,
+    feeds: HashMap<String, MultiplexedConnection>,
+}
+
+impl Routes {
+    fn feed_for(&self, slot: u16) -> Option<MultiplexedConnection> {
+        let (id, _) = self.topology.iter().find(|(_, (_, ranges))| ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot)))?;
+        self.feeds.get(id).cloned()
+    }
+}
+
+fn redirected(r: &redis::RedisResult<Value>) -> bool {
+    match r {
+        Ok(Value::ServerError(e)) => matches!(e.code(), "MOVED" | "ASK"),
+        Err(e) => e.redirect_node().is_some(),
+        Ok(_) => false,
+    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c, routes) => {
+                let mut args = cmd.args_iter();
+                let tiercache = matches!(args.next(), Some(Arg::Simple(name)) if name.len() > 10 && name[..10].eq_ignore_ascii_case(b"TIERCACHE."));
+                let feed = match (tiercache, args.next(), routes.as_ref()) {
+                    (true, Some(Arg::Simple(key)), Some(routes)) => routes.lock().feed_for(key_slot(key)),
+                    _ => None,
+                };
+                let Some(mut feed) = feed else { return c.req_packed_command(cmd) };
+                Box::pin(async move {
+                    let r = feed.req_packed_command(cmd).await;
+                    if redirected(&r) {
+                        return c.req_packed_command(cmd).await;
+                    }
+                    r
+                })
+            }
         }
     }
 
     fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c, _) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -97,10 +140,10 @@ pub(crate) struct Remote {
     /// The server of the current link (standalone, or the master Sentinel named at the last connect).
     server: Mutex<Option<redis::Client>>,
     cluster: Option<(redis::cluster::ClusterClient, redis::cluster::ClusterClient)>,
-    /// The feed connections of the current link: dropping them (at the next connect) ends their feeds.
-    feeds: Mutex<Vec<MultiplexedConnection>>,
-    /// Masters and their slots, as last seen (cluster).
-    topology: Mutex<Topology>,
+    /// The feed connection of the current link (standalone / Sentinel): dropping it ends the feed.
+    feed: Mutex<Option<MultiplexedConnection>>,
+    /// Masters, their slots and feeds, as last seen (cluster); replaced at every connect.
+    routes: Mutex<Arc<Mutex<Routes>>>,
     /// Bumped at every connect: a feed of an older link is ignored.
     generation: AtomicU64,
 }
@@ -113,8 +156,8 @@ impl Remote {
             sentinel: tokio::sync::Mutex::new(None),
             server: Mutex::new(None),
             cluster: None,
-            feeds: Mutex::new(Vec::new()),
-            topology: Mutex::new(HashMap::new()),
+            feed: Mutex::new(None),
+            routes: Mutex::new(Arc::default()),
             generation: AtomicU64::new(0),
         };
         match target {
@@ -193,7 +236,7 @@ impl Remote {
     /// A connection for blocking lease reads (one read at a time).
     pub async fn blocking(&self) -> redis::RedisResult<Conn> {
         if let Some((_, blocking)) = &self.cluster {
-            return Ok(Conn::Cluster(blocking.get_async_connection().await?));
+            return Ok(Conn::Cluster(blocking.get_async_connection().await?, None));
         }
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.settings.op_timeout))
@@ -232,40 +275,42 @@ impl Remote {
     /// Connects the main connection and the feeds (a new link generation; the old feeds end).
     pub async fn connect(&self, prefix: &str, channel: &str) -> redis::RedisResult<(Conn, Vec<Feed>)> {
         let generation = self.generation.fetch_add(1, SeqCst) + 1;
-        self.feeds.lock().clear();
+        *self.feed.lock() = None;
+        *self.routes.lock() = Arc::default();
         let Some((main, _)) = &self.cluster else {
             let server = self.server(true).await?;
             let (conn, rx) = self.feed(server.get_connection_info().clone(), prefix, channel).await?;
-            *self.feeds.lock() = vec![conn.clone()];
+            *self.feed.lock() = Some(conn.clone());
             return Ok((Conn::Single(conn), vec![Feed { rx, node: None, generation }]));
         };
         let config = redis::cluster::ClusterConfig::new()
             .set_connection_timeout(self.settings.op_timeout)
             .set_response_timeout(self.settings.op_timeout);
-        let mut conn = Conn::Cluster(main.get_async_connection_with_config(config).await?);
+        let cluster = main.get_async_connection_with_config(config).await?;
+        let mut conn = Conn::Cluster(cluster.clone(), None);
         let topology = cluster_topology(&mut conn).await?;
         let base = match &self.target {
             Target::Cluster(nodes) => nodes.first().map(|n| n.as_str()).unwrap_or_default().into_connection_info()?,
             _ => unreachable!("cluster clients exist only for a cluster target"),
         };
-        let mut conns = Vec::new();
+        let mut conns = HashMap::new();
         let mut feeds = Vec::new();
         for (id, (addr, _)) in &topology {
             let info = with_addr(&base, addr)?;
             let (mut feed_conn, rx) = self.feed(info, prefix, channel).await?;
             let info: String = redis::cmd("INFO").arg("server").query_async(&mut feed_conn).await?;
             let run_id = info_field(&info, "run_id").unwrap_or_default().to_owned();
-            conns.push(feed_conn);
+            conns.insert(id.clone(), feed_conn);
             feeds.push(Feed { rx, node: Some(NodeTag { id: id.clone(), run_id }), generation });
         }
-        *self.feeds.lock() = conns;
-        *self.topology.lock() = topology;
-        Ok((conn, feeds))
+        let routes = Arc::new(Mutex::new(Routes { topology, feeds: conns }));
+        *self.routes.lock() = routes.clone();
+        Ok((Conn::Cluster(cluster, Some(routes)), feeds))
     }
 
     /// The slot ranges of a master as last seen (empty when unknown).
     pub fn slots_of(&self, node_id: &str) -> Vec<(u16, u16)> {
-        self.topology.lock().get(node_id).map(|(_, s)| s.clone()).unwrap_or_default()
+        self.routes.lock().lock().topology.get(node_id).map(|(_, s)| s.clone()).unwrap_or_default()
     }
 
     /// Reads the cluster's slots on `conn`: true when the set of masters changed since the last connect
@@ -273,7 +318,9 @@ impl Remote {
     /// kept for scoping gap drops (migrated keys are invalidated by key tracking on both sides).
     pub async fn masters_changed(&self, conn: &mut Conn) -> redis::RedisResult<bool> {
         let now = cluster_topology(conn).await?;
-        let mut known = self.topology.lock();
+        let routes = self.routes.lock().clone();
+        let mut routes = routes.lock();
+        let known = &mut routes.topology;
         let same = now.len() == known.len() && now.iter().all(|(id, (addr, _))| known.get(id).is_some_and(|k| &k.0 == addr));
         if same {
             *known = now;
