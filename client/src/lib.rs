@@ -1223,8 +1223,8 @@ impl Inner {
                 if channel != self.cfg.channel.as_bytes() {
                     return;
                 }
-                metrics::bump(&self.metrics.invalidations_received);
                 let Ok(msg) = rmp_serde::from_slice::<Message>(&payload) else {
+                    metrics::bump(&self.metrics.invalidations_received);
                     tracing::debug!(name: "tiercache.invalidation", tags = 0, reset = true, "tiercache: unreadable message: L1 dropped");
                     self.reset_feed(feed);
                     return;
@@ -1233,6 +1233,7 @@ impl Inner {
                     // Another cluster node's message, forwarded by the cluster bus: its own feed has it.
                     return;
                 }
+                metrics::bump(&self.metrics.invalidations_received);
                 let gap = {
                     let last = &mut feed.last;
                     let gap = msg.v != 1 || last.as_ref().is_some_and(|(run, seq)| *run != msg.run_id || *seq + 1 != msg.seq);

@@ -100,7 +100,8 @@ impl Cluster {
                 None => r.parse::<u16>() == Ok(slot),
             });
             if serves {
-                let port: u16 = f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("port");
+                let port: u16 =
+                    f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).expect("port");
                 return self.nodes.iter().position(|n| n.port == port).expect("a node of this cluster");
             }
         }
@@ -111,7 +112,9 @@ impl Cluster {
     pub fn replica_of(&self, m: usize) -> usize {
         let id = self.id(m);
         (0..self.nodes.len())
-            .find(|&i| self.cli(i, &["CLUSTER", "NODES"]).lines().any(|l| l.contains("myself") && l.contains("slave") && l.contains(&id)))
+            .find(|&i| {
+                self.cli(i, &["CLUSTER", "NODES"]).lines().any(|l| l.contains("myself") && l.contains("slave") && l.contains(&id))
+            })
             .expect("a replica of the master")
     }
 
