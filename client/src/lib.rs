@@ -913,6 +913,9 @@ impl Inner {
                 // Coherence resumes now: everything cached before (including what was loaded while
                 // Redis was away) may have missed invalidations.
                 self.reset_l1();
+                // Idle lease-read connections of the old link may point at a server that is no longer
+                // the master (Sentinel, Cluster failover) or be dead: start the pool afresh.
+                self.blocking.lock().clear();
                 let (conn, feeds) = conn;
                 *slot = Some(conn.clone());
                 self.tracking.store(true, SeqCst);
