@@ -9,6 +9,7 @@ mod emit;
 mod ffi;
 mod keys;
 mod leases;
+mod propagation;
 mod reply;
 mod stats;
 mod tagindex;
@@ -31,6 +32,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             && commands::register(ctx)
             && tagindex::register(ctx)
             && leases::register(ctx)
+            && propagation::register(ctx)
     });
     if ok {
         Status::Ok
