@@ -15,6 +15,9 @@
 //!   Redis is bypassed (the loader runs directly, L1 keeps serving) and a circuit breaker stops calling it
 //!   for a while after repeated errors.
 //!
+//! - **Deployments**: one server, the master a set of Sentinels name, or a Redis Cluster (one feed of
+//!   tracking + messages per master, gap detection per node); TLS with the `tls` feature (`remote.rs`).
+//!
 //! Values are MessagePack (`rmp-serde`), so Rust and Python share entries; values of at least
 //! `compress_min_size` bytes are lz4-framed by the client and read back undecoded (`ENCODED`), so Redis
 //! never decompresses for this client.
