@@ -2,6 +2,7 @@
 //! ARCHITECTURE.md for where everything lives.
 
 mod acl;
+mod cluster;
 mod commands;
 mod config;
 mod datatype;
@@ -31,6 +32,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             && commands::register(ctx)
             && tagindex::register(ctx)
             && leases::register(ctx)
+            && cluster::register(ctx)
     });
     if ok {
         Status::Ok
