@@ -53,10 +53,10 @@ pub fn register(ctx: Ctx) -> bool {
 /// Borrows the entry behind a value pointer handed to a type callback.
 ///
 /// # Safety
-/// `v` must be a value of our type: a pointer made by `Box::into_raw(Box<Entry>)` that Redis still owns.
+/// `v` must be a value of our type: a pointer made by `Entry::into_raw` that Redis still owns.
 unsafe fn entry<'a>(v: *const c_void) -> Option<&'a Entry> {
     // SAFETY: guaranteed by the caller.
-    unsafe { v.cast::<Entry>().as_ref() }
+    (!v.is_null()).then(|| unsafe { Entry::from_raw(v.cast()) })
 }
 
 struct Rdb(*mut raw::RedisModuleIO);
@@ -117,7 +117,7 @@ unsafe extern "C" fn rdb_load(io: *mut raw::RedisModuleIO, encver: c_int) -> *mu
     guard(std::ptr::null_mut(), || match persist::load(&mut Rdb(io), encver) {
         Ok(e) => {
             stats::entry_added(&e);
-            Box::into_raw(Box::new(e)).cast()
+            Entry::into_raw(e).cast()
         }
         Err(err) => {
             let msg = std::ffi::CString::new(format!("tiercache: cannot load entry: {err}")).unwrap_or_default();
@@ -177,8 +177,8 @@ unsafe extern "C" fn digest(md: *mut raw::RedisModuleDigest, value: *mut c_void)
 unsafe extern "C" fn free(value: *mut c_void) {
     guard((), || {
         if !value.is_null() {
-            // SAFETY: Redis hands back ownership of a pointer made by Box::into_raw(Box<Entry>), once.
-            let e = unsafe { Box::from_raw(value.cast::<Entry>()) };
+            // SAFETY: Redis hands back ownership of a pointer made by Entry::into_raw, once.
+            let e = unsafe { Entry::box_from_raw(value.cast()) };
             stats::entry_removed(&e);
         }
     })
@@ -196,7 +196,10 @@ unsafe extern "C" fn unlink2(ctx: *mut raw::RedisModuleKeyOptCtx, value: *const 
         // SAFETY: Redis passes a live option context and a value of our type; nothing else references the
         // value during this callback, so updating its tag epochs in place is sound.
         unsafe {
-            let Some(e) = value.cast_mut().cast::<Entry>().as_mut() else { return };
+            if value.is_null() {
+                return;
+            }
+            let e = Entry::from_raw_mut(value.cast_mut().cast());
             if e.tags().is_empty() {
                 return;
             }
@@ -215,12 +218,12 @@ unsafe extern "C" fn copy2(_ctx: *mut raw::RedisModuleKeyOptCtx, value: *const c
     guard(std::ptr::null_mut(), || {
         // SAFETY: Redis passes a value of our type and a live option context.
         let Some(src) = (unsafe { entry(value) }) else { return std::ptr::null_mut() };
-        let mut copy = Box::new(src.clone());
+        let mut copy = src.to_boxed();
         if !copy.tags().is_empty() {
             let dead = tagindex::is_dead(copy.tags());
             copy.tags_mut().set_epochs(|_, _| if dead { DEAD } else { PENDING });
         }
         stats::entry_added(&copy);
-        Box::into_raw(copy).cast()
+        Entry::into_raw(copy).cast()
     })
 }

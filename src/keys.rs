@@ -42,9 +42,14 @@ impl Handle {
             Slot::Entry(_) => {}
             _ => return None,
         }
-        // SAFETY: the key holds our type (checked just above); the value is a live Box<Entry> that nothing
-        // else references while this handle is borrowed mutably.
-        unsafe { (api!(RedisModule_ModuleTypeGetValue)(self.0) as *mut Entry).as_mut() }
+        // SAFETY: open key handle holding our type (checked just above).
+        let p = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: our type's values are always pointers made by Entry::into_raw; nothing else references
+        // the entry while this handle is borrowed mutably.
+        Some(unsafe { Entry::from_raw_mut(p) })
     }
 
     fn slot(&self) -> Slot<'_> {
@@ -62,13 +67,14 @@ impl Handle {
         {
             return Slot::WrongType;
         }
-        // SAFETY: the key holds our type, whose values are always `Box<Entry>` pointers that stay
-        // valid while the key is open and unmodified (the borrow of self enforces that).
-        let v = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) } as *const Entry;
-        match unsafe { v.as_ref() } {
-            Some(e) => Slot::Entry(e),
-            None => Slot::Empty,
+        // SAFETY: open key handle holding our type.
+        let v = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
+        if v.is_null() {
+            return Slot::Empty;
         }
+        // SAFETY: our type's values are always pointers made by Entry::into_raw, valid while the key is
+        // open and unmodified (the borrow of self enforces that).
+        Slot::Entry(unsafe { Entry::from_raw(v) })
     }
 
     /// Absolute expiry of the key in unix ms, or NO_DEADLINE.
@@ -165,17 +171,30 @@ impl WriteKey {
     /// first); an empty key gets a new value.
     pub fn store(&mut self, entry: Box<Entry>, expire_at: i64) -> Result<(), &'static str> {
         crate::stats::entry_added(&entry);
-        if let Some(old) = self.0.entry_mut() {
-            crate::stats::entry_removed(old);
-            *old = *entry;
-            return self.set_expire(expire_at);
+        let ptr = Entry::into_raw(entry).cast::<c_void>();
+        if self.0.entry_mut().is_some() {
+            let mut old: *mut c_void = std::ptr::null_mut();
+            // SAFETY: open write handle holding our type; Redis swaps in `ptr` (which it now owns) and hands
+            // the old value back to us without calling any callback.
+            let rc = unsafe { api!(RedisModule_ModuleTypeReplaceValue)(self.0 .0, data_type(), ptr, &mut old) };
+            if rc == raw::REDISMODULE_OK as c_int {
+                if !old.is_null() {
+                    // SAFETY: the old value was made by Entry::into_raw and Redis no longer holds it.
+                    let old = unsafe { Entry::box_from_raw(old.cast()) };
+                    crate::stats::entry_removed(&old);
+                }
+                return self.set_expire(expire_at);
+            }
+            // SAFETY: Redis did not take `ptr`; reclaim it so it is freed exactly once.
+            let entry = unsafe { Entry::box_from_raw(ptr.cast()) };
+            crate::stats::entry_removed(&entry);
+            return Err("ERR tiercache could not store the entry");
         }
-        let ptr = Box::into_raw(entry);
         // SAFETY: open write handle; on success Redis owns `ptr` and will hand it to our free callback.
-        let rc = unsafe { api!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr.cast::<c_void>()) };
+        let rc = unsafe { api!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr) };
         if rc != raw::REDISMODULE_OK as c_int {
-            // SAFETY: Redis did not take ownership; reclaim the box so it is freed exactly once.
-            let entry = unsafe { Box::from_raw(ptr) };
+            // SAFETY: Redis did not take ownership; reclaim the entry so it is freed exactly once.
+            let entry = unsafe { Entry::box_from_raw(ptr.cast()) };
             crate::stats::entry_removed(&entry);
             return Err("ERR tiercache could not store the entry");
         }

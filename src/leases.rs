@@ -298,7 +298,7 @@ fn finish(w: Parked, how: Option<Wake>, timer_fired: bool) {
 fn wake_all_hit(waiters: impl IntoIterator<Item = Parked>, entry: &Entry) {
     let mut shared: Option<Rc<Entry>> = None;
     for w in waiters {
-        let e = shared.get_or_insert_with(|| Rc::new(entry.clone())).clone();
+        let e = shared.get_or_insert_with(|| Rc::from(entry.to_boxed())).clone();
         finish(w, Some(Wake::Hit(e)), false);
     }
 }

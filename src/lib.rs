@@ -10,6 +10,7 @@ mod emit;
 mod ffi;
 mod keys;
 mod leases;
+mod propagation;
 mod reply;
 mod stats;
 mod tagindex;
@@ -32,6 +33,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             && commands::register(ctx)
             && tagindex::register(ctx)
             && leases::register(ctx)
+            && propagation::register(ctx)
             && cluster::register(ctx)
     });
     if ok {

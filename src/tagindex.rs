@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis_module::raw;
 use tiercache_core::index::{Attach, Garbage, IndexStats, Registry};
-use tiercache_core::tags::{TagList, DEAD};
+use tiercache_core::tags::{Tags, DEAD};
 use tiercache_core::Entry;
 
 use crate::config;
@@ -119,7 +119,7 @@ pub fn is_valid(entry: &Entry) -> bool {
 }
 
 /// For persistence: was this entry invalidated?
-pub fn is_dead(tags: &TagList) -> bool {
+pub fn is_dead(tags: &Tags) -> bool {
     !tags.is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.is_dead(tags)))
 }
 
@@ -128,10 +128,9 @@ pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
     if entry.tags().is_empty() {
         return;
     }
-    let replica = is_replica(ctx);
     let queued = timed(|r| match r.attach(db, key, entry.tags_mut()) {
         Attach::Live => false,
-        Attach::Dead if replica => false,
+        Attach::Dead if is_replica(ctx) => false,
         Attach::Dead => {
             r.queue_key(db, key);
             true
@@ -140,6 +139,12 @@ pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
     if queued == Some(true) {
         arm_reclaim(ctx);
     }
+}
+
+/// An overwrite with the same tags: the new entry takes the old one's place in the index (see
+/// `Registry::carry_over`); then neither `detach` nor `attach` is needed.
+pub fn carry_over(old: &Entry, new: &mut Entry) -> bool {
+    !new.tags().is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.carry_over(old.tags(), new.tags_mut())))
 }
 
 /// The type's unlink callback: the entry leaves `key` in `db`.
@@ -389,9 +394,13 @@ unsafe extern "C" fn on_server_event(ctx: Ctx, eid: raw::RedisModuleEvent, sub: 
                 timed(|r| r.swap(a, b));
             }
         }
-        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER => {
-            // A promoted replica never queued invalidated entries: find them now.
-            index_everything(ctx);
+        raw::REDISMODULE_EVENT_REPLICATION_ROLE_CHANGED => {
+            // Either way, something may read what this node propagates now (its backlog, new replicas).
+            crate::propagation::listened(ctx);
+            if sub == raw::REDISMODULE_EVENT_REPLROLECHANGED_NOW_MASTER {
+                // A promoted replica never queued invalidated entries: find them now.
+                index_everything(ctx);
+            }
         }
         _ => {}
     })

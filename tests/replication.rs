@@ -279,3 +279,73 @@ fn tracking_on_replica_invalidates_on_replicated_set() {
     assert_eq!(keys, vec![b"k".to_vec()], "invalidation on the replica's tracking connection");
     assert_eq!(t.get("k").as_deref(), Some(&b"v2"[..]));
 }
+
+/// A master without replicas or AOF propagates its SETs verbatim (nobody reads the stream; see
+/// src/propagation.rs). The effect form must be back before anything reaches a replica that syncs
+/// (disk-based, and diskless after its delay, with a writer running all along) or an AOF turned on later.
+/// The replica's own compress-min-size would store these values raw, and its clock would give other
+/// creation times: META and the stored bytes tell which form arrived.
+#[test]
+fn effects_resume_when_a_replica_attaches_or_aof_starts() {
+    let v = compressible(200);
+    for master_args in [&["--repl-diskless-sync", "no"][..], &["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "1"]]
+    {
+        let master = Server::builder().module_args(&["compress-min-size", "64"]).args(master_args).start();
+        let mut m = master.conn();
+        m.set("first", &v, &["EX", "100"]);
+        // The first poll (1 s after the first SET) finds no backlog and no replica: verbatim from then on.
+        sleep(ms(1300));
+        let url = master.url(Proto::Resp2);
+        let value = v.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let writer = std::thread::spawn(move || {
+            let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let mut n = 0;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) || n < 50 {
+                let _: () =
+                    cmd!("TIERCACHE.SET", format!("w:{n}"), &value, "EX", 100, "STALE", 5, "TAGS", 1, "t").query(&mut c).unwrap();
+                n += 1;
+                sleep(ms(2));
+            }
+            n
+        });
+        let replica = master.start_replica(Server::builder());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let written = writer.join().unwrap();
+        m.set("after", &v, &["EX", "100", "TAGS", "1", "t"]);
+        wait_replicated(&mut m);
+        let mut r = replica.conn();
+        let keys: Vec<String> =
+            ["first".to_string(), "after".to_string()].into_iter().chain((0..written).map(|n| format!("w:{n}"))).collect();
+        for k in &keys {
+            let mm = m.meta(k).unwrap_or_else(|| panic!("{k} missing on the master"));
+            assert_eq!(mm.encoding, "lz4", "{k}: the master compresses from 64 bytes");
+            assert_eq!(r.meta(k).map(|x| x.stable()), Some(mm.stable()), "{k} ({master_args:?}): the replica got a verbatim SET");
+            assert_eq!(r.get_encoded(k), m.get_encoded(k), "{k}: stored bytes");
+        }
+    }
+
+    // AOF turned on at run time: what follows the rewrite is appended in effect form, so a restart with
+    // another compress-min-size keeps the master's encoding and creation time.
+    let mut s = Server::builder().module_args(&["compress-min-size", "64"]).start();
+    let mut c = s.conn();
+    c.set("first", &v, &["EX", "100"]);
+    sleep(ms(1300));
+    c.ok(&cmd!("CONFIG", "SET", "appendonly", "yes"));
+    assert!(
+        wait_until(READY_TIMEOUT, || info_field(&c.info("persistence"), "aof_rewrite_in_progress").as_deref() == Some("0")
+            && info_field(&c.info("persistence"), "aof_rewrite_scheduled").as_deref() == Some("0")),
+        "the AOF rewrite did not finish"
+    );
+    // The rewrite's fork counted as a listener for a while; wait for the poll to drop that, so only the
+    // AOF flag itself keeps the effect form.
+    sleep(ms(1300));
+    c.set("appended", &v, &["EX", "100", "TAGS", "1", "t"]);
+    let before = c.meta("appended").unwrap();
+    assert_eq!(before.encoding, "lz4");
+    drop(c);
+    s.restart_with_args(&["--appendonly", "yes", "--tiercache.compress-min-size", "100000"]);
+    let mut c = s.conn();
+    assert_eq!(c.meta("appended").map(|x| x.stable()), Some(before.stable()), "the AOF got a verbatim SET");
+}

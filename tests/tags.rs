@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-proto_tests!(invalidate_semantics, tagkeys_and_tagcount, errors);
+proto_tests!(invalidate_semantics, tagkeys_and_tagcount, errors, overwrites_with_the_same_tags);
 
 type B = Vec<u8>;
 
@@ -411,6 +411,39 @@ fn invalidate_semantics(p: Proto) {
     // Counting stays O(1): k6, invalidated through `a` and not reclaimed yet inside the MULTI, is still
     // indexed under `c` and counted with k4 (documented in COMMANDS.md).
     assert_eq!(r[8], Value::Int(2), "MULTI; INVALIDATE a b; ...; INVALIDATE c: k4 plus k6 awaiting reclaim");
+}
+
+/// An overwrite with the same tags in the same order takes the old entry's place in the index (no detach
+/// and attach): counts, keys, invalidation, deletion and persistence must not tell the difference.
+fn overwrites_with_the_same_tags(p: Proto) {
+    let s = Server::start();
+    let mut c = s.conn_proto(p);
+    for i in 0..3 {
+        tset(&mut c, "k", &format!("v{i}"), &["a", "b"], &[]);
+    }
+    tset(&mut c, "other", "o", &["a"], &[]);
+    assert_eq!((tagcount(&mut c, "a"), tagcount(&mut c, "b")), (2, 1));
+    assert_eq!(tagkeys(&mut c, "b", None), vec![b("k")]);
+    assert_eq!(c.get("k"), Some(b("v2")));
+    assert_eq!(invalidate(&mut c, &["b"]), 1);
+    assert_eq!(c.get("k"), None, "the carried-over entry is invalidated with its tag");
+    assert_eq!(c.get("other"), Some(b("o")));
+    // Overwriting an invalidated entry attaches afresh; a different order or set detaches and attaches.
+    tset(&mut c, "k", "w", &["a", "b"], &[]);
+    assert_eq!(c.get("k"), Some(b("w")));
+    tset(&mut c, "k", "x", &["b", "a"], &[]);
+    tset(&mut c, "k", "y", &["b", "a"], &[]);
+    assert_eq!((tagcount(&mut c, "a"), tagcount(&mut c, "b")), (2, 1));
+    tset(&mut c, "k", "z", &["b"], &[]);
+    assert_eq!((tagcount(&mut c, "a"), tagcount(&mut c, "b")), (1, 1));
+    tset(&mut c, "k", "z2", &["b"], &[]);
+    c.ok(&cmd!("DEBUG", "RELOAD"));
+    assert_eq!(c.get("k"), Some(b("z2")), "persisted and reloaded");
+    assert_eq!(tagkeys(&mut c, "b", None), vec![b("k")]);
+    assert_eq!(c.int(&cmd!("DEL", "k")), 1);
+    assert_eq!((tagcount(&mut c, "a"), tagcount(&mut c, "b")), (1, 0), "DEL detaches the carried entry");
+    assert_eq!(invalidate(&mut c, &["a"]), 1);
+    assert_eq!(c.get("other"), None);
 }
 
 fn tagkeys_and_tagcount(p: Proto) {

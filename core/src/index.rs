@@ -19,7 +19,9 @@ use std::collections::VecDeque;
 
 use crate::keyset::{KeyDrain, KeySet};
 use crate::lintable::{ChunkVec, Hashing, LinTable};
-use crate::tags::{TagList, DEAD, PENDING};
+#[cfg(test)]
+use crate::tags::TagList;
+use crate::tags::{Tags, DEAD, PENDING};
 
 type Key = Box<[u8]>;
 
@@ -146,20 +148,36 @@ impl Registry {
     /// True when every tag of the entry still has the epoch the entry was attached under. One array
     /// lookup per tag: no hashing, and no database needed (epochs never repeat).
     #[inline]
-    pub fn is_valid(&self, tags: &TagList) -> bool {
+    pub fn is_valid(&self, tags: &Tags) -> bool {
         tags.refs().all(|r| self.matches(r.slot, r.epoch))
     }
 
     /// True when the entry was invalidated: loaded dead, or attached under an epoch its tag no longer
     /// has. A PENDING entry (not attached yet) is not dead. Used when persisting.
-    pub fn is_dead(&self, tags: &TagList) -> bool {
+    pub fn is_dead(&self, tags: &Tags) -> bool {
         tags.refs().any(|r| r.epoch == DEAD || (r.epoch != PENDING && !self.matches(r.slot, r.epoch)))
+    }
+
+    /// An entry overwritten by one with the same tags, in the same order (a refresh): when the old one is
+    /// still valid, the new one takes its (slot, epoch) refs and its place in the key sets, so neither the
+    /// detach of the old nor the attach of the new has to touch the index. Returns false (and changes
+    /// nothing) otherwise.
+    pub fn carry_over(&self, old: &Tags, new: &mut Tags) -> bool {
+        if old.is_empty() || old.as_bytes().len() != new.as_bytes().len() || !self.is_valid(old) {
+            return false;
+        }
+        if !old.refs().zip(new.refs()).all(|(o, n)| o.name == n.name && n.epoch == PENDING) {
+            return false;
+        }
+        let mut from = old.refs();
+        new.set_refs(|_| from.next().map_or((DEAD, 0), |o| (o.epoch, o.slot)));
+        true
     }
 
     /// Indexes an entry stored under `key` in `db`. A PENDING entry (just written or loaded) takes the
     /// current slots of its tags, creating them as needed; an entry attached before (COPY, RENAME) is
     /// indexed again if still valid; anything else is dead.
-    pub fn attach(&mut self, db: usize, key: &[u8], tags: &mut TagList) -> Attach {
+    pub fn attach(&mut self, db: usize, key: &[u8], tags: &mut Tags) -> Attach {
         if tags.is_empty() {
             return Attach::Live;
         }
@@ -196,7 +214,7 @@ impl Registry {
     /// Removes an entry's key from every slot it is indexed under (the entry is being deleted,
     /// overwritten, renamed or moved). A valid entry's tags become PENDING (it may be attached again
     /// under a new name); one that had lost any tag is marked DEAD for good.
-    pub fn detach(&mut self, db: usize, key: &[u8], tags: &mut TagList) {
+    pub fn detach(&mut self, db: usize, key: &[u8], tags: &mut Tags) {
         if tags.is_empty() {
             return;
         }
@@ -312,7 +330,7 @@ impl Registry {
 
     /// Up to `n` keys of live entries carrying `tag` in `db`.
     pub fn tag_keys(&self, db: usize, tag: &[u8], n: usize) -> Vec<&[u8]> {
-        self.slot_of(db, tag).map(|s| s.keys.iter().take(n).map(|k| &k[..]).collect()).unwrap_or_default()
+        self.slot_of(db, tag).map(|s| s.keys.iter().take(n).collect()).unwrap_or_default()
     }
 
     /// Up to `n` keys of live entries carrying `tag` in `db` for which `keep` holds (TAGKEYS for a user
@@ -321,7 +339,7 @@ impl Registry {
         let Some(s) = self.slot_of(db, tag) else {
             return Vec::new();
         };
-        s.keys.iter().map(|k| &k[..]).filter(|k| keep(k)).take(n).collect()
+        s.keys.iter().filter(|k| keep(k)).take(n).collect()
     }
 
     /// Forgets one database (FLUSHDB) or all of them (`None`, FLUSHALL and full reloads).
@@ -368,6 +386,32 @@ mod tests {
 
     fn tl(t: &[&str]) -> TagList {
         TagList::new(&t.iter().map(|s| s.as_bytes()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn an_overwrite_with_the_same_tags_keeps_its_place() {
+        let mut r = Registry::new();
+        let mut old = tl(&["a", "b"]);
+        r.attach(0, b"k", &mut old);
+        let before = r.stats();
+        let mut new = tl(&["a", "b"]);
+        assert!(r.carry_over(&old, &mut new));
+        assert_eq!(
+            new.refs().map(|x| (x.epoch, x.slot)).collect::<Vec<_>>(),
+            old.refs().map(|x| (x.epoch, x.slot)).collect::<Vec<_>>()
+        );
+        assert!(r.is_valid(&new) && r.stats() == before, "indexed as before, nothing moved");
+        assert_eq!(r.invalidate(0, &[b"b"], true), 1);
+        assert!(!r.is_valid(&new), "the carried entry is invalidated with its tag");
+        // different tags, a different order, or an invalidated old entry: no carry-over
+        let mut other = tl(&["b", "a"]);
+        assert!(!r.carry_over(&old, &mut other) && other.refs().all(|x| x.epoch == PENDING));
+        let mut live = tl(&["a"]);
+        r.attach(0, b"j", &mut live);
+        let mut fewer = tl(&["a", "c"]);
+        assert!(!r.carry_over(&live, &mut fewer));
+        let mut again = tl(&["a", "b"]);
+        assert!(!r.carry_over(&old, &mut again), "the old entry is no longer valid");
     }
 
     #[test]

@@ -282,7 +282,7 @@ mod tests {
         assert_eq!(count, s.len());
         assert_eq!(s.iter().count(), s.len());
         assert!(s.len() <= PACKED_LOAD * n.max(1), "over the load limit: {} in {n}", s.len());
-        assert!(s.len() == 0 || n == 1 || s.len() * 2 >= PACKED_LOAD * (n - 1), "under the load limit");
+        assert!(s.is_empty() || n == 1 || s.len() * 2 >= PACKED_LOAD * (n - 1), "under the load limit");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub fn save(entry: &Entry, invalidated: bool, out: &mut impl Sink) {
 /// fresh deadline or a positive one, a creation time of 0 or more, a decoded size of at most
 /// [`lz4::MAX_ORIGINAL_LEN`], an lz4 frame that decodes to exactly its announced size, at most
 /// [`MAX_PERSISTED_TAGS`] tags and no empty tag.
-pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
+pub fn load(src: &mut impl Source, version: i32) -> Result<Box<Entry>, LoadError> {
     if !(1..=ENCODING_VERSION).contains(&version) {
         return Err(LoadError::UnknownVersion(version));
     }
@@ -107,7 +107,7 @@ pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
     if size > lz4::MAX_ORIGINAL_LEN {
         return Err(LoadError::Invalid("size"));
     }
-    let data = src.get_bytes()?.into_boxed_slice();
+    let data = src.get_bytes()?;
     if encoding == Encoding::Lz4 && lz4::check(&data) != Ok(size) {
         return Err(LoadError::Invalid("lz4 frame"));
     }
@@ -131,7 +131,7 @@ pub fn load(src: &mut impl Source, version: i32) -> Result<Entry, LoadError> {
     if flags & FLAG_INVALIDATED != 0 {
         tags.set_epochs(|_, _| DEAD);
     }
-    Entry::from_parts(data, encoding, size, fresh_until, created, tags).map_err(|_| LoadError::Invalid("stored bytes"))
+    Entry::from_parts(&data, encoding, size, fresh_until, created, &tags).map_err(|_| LoadError::Invalid("stored bytes"))
 }
 
 /// An in-memory field stream, for tests and for tools.
@@ -182,15 +182,8 @@ mod tests {
     use super::*;
     use crate::entry::Storage;
 
-    fn sample(value: &[u8], tags: &[&[u8]]) -> Entry {
-        Entry::from_value(
-            value,
-            Storage::Auto { compress_min_size: 64 },
-            1_700_000_000_123,
-            1_699_999_999_000,
-            TagList::new(tags),
-        )
-        .unwrap()
+    fn sample(value: &[u8], tags: &[&[u8]]) -> Box<Entry> {
+        Entry::from_value(value, Storage::Auto { compress_min_size: 64 }, 1_700_000_000_123, 1_699_999_999_000, tags).unwrap()
     }
 
     #[test]
@@ -200,7 +193,7 @@ mod tests {
             sample(b"", &[]),
             sample(b"small\0binary", &[b"user:1", b"\0\xff"]),
             sample(&big, &[b"t"]),
-            Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, TagList::EMPTY).unwrap(),
+            Entry::from_value(b"v", Storage::Verbatim(Encoding::Raw), NO_DEADLINE, 5, &[]).unwrap(),
         ] {
             let mut fields: Vec<Field> = Vec::new();
             save(&e, false, &mut fields);

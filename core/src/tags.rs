@@ -49,39 +49,36 @@ fn get_varint(buf: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-impl TagList {
-    pub const EMPTY: TagList = TagList(None);
+/// A tag list in place: the bytes of a [`TagList`], or the tag section of an entry's single allocation.
+/// Everything but building a list works on this view.
+#[repr(transparent)]
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Tags([u8]);
 
-    /// Builds a list from tags (all [`PENDING`]), dropping repeats (the first occurrence keeps its place).
-    /// One exact-size allocation; none for no tags.
-    ///
-    /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of
-    /// the few before each tag below it), so a long list costs no more to load than to read.
-    pub fn new(tags: &[&[u8]]) -> Self {
-        if tags.is_empty() {
-            return TagList(None);
-        }
-        let first: Vec<bool> = if tags.len() <= LINEAR_DEDUP_MAX {
-            (0..tags.len()).map(|i| !tags[..i].contains(&tags[i])).collect()
-        } else {
-            let mut seen = ahash::AHashSet::with_capacity(tags.len());
-            tags.iter().map(|t| seen.insert(*t)).collect()
-        };
-        let kept = || tags.iter().zip(&first).filter(|(_, &keep)| keep).map(|(t, _)| *t);
-        let size: usize = kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
-        let mut buf = Vec::with_capacity(size);
-        for t in kept() {
-            buf.extend_from_slice(&PENDING.to_le_bytes());
-            buf.extend_from_slice(&0u32.to_le_bytes());
-            put_varint(&mut buf, t.len());
-            buf.extend_from_slice(t);
-        }
-        TagList(Some(buf.into_boxed_slice()))
+impl Tags {
+    /// Views bytes laid out by [`TagList::new`] (as copied into an entry). A malformed tail ends
+    /// iteration early; it never panics.
+    #[inline]
+    pub fn from_bytes(b: &[u8]) -> &Tags {
+        // SAFETY: Tags is a repr(transparent) wrapper of [u8]: same layout and same slice metadata.
+        unsafe { &*(b as *const [u8] as *const Tags) }
+    }
+
+    #[inline]
+    pub fn from_bytes_mut(b: &mut [u8]) -> &mut Tags {
+        // SAFETY: as in `from_bytes`; the exclusive borrow is passed on unchanged.
+        unsafe { &mut *(b as *mut [u8] as *mut Tags) }
+    }
+
+    /// The list's bytes, as [`TagList::new`] lays them out.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.0.is_none()
+        self.0.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -101,7 +98,7 @@ impl TagList {
     /// Every tag with its slot and epoch.
     #[inline]
     pub fn refs(&self) -> TagIter<'_> {
-        TagIter { buf: self.0.as_deref().unwrap_or(&[]) }
+        TagIter { buf: &self.0 }
     }
 
     pub fn contains(&self, tag: &[u8]) -> bool {
@@ -115,7 +112,7 @@ impl TagList {
 
     /// Sets every tag's `(epoch, slot)` to `f(current)`.
     pub fn set_refs(&mut self, mut f: impl FnMut(TagRef<'_>) -> (u64, u32)) {
-        let Some(buf) = self.0.as_deref_mut() else { return };
+        let buf = &mut self.0;
         let mut at = 0;
         while at + HEAD < buf.len() {
             let Some((len, n)) = get_varint(&buf[at + HEAD..]) else { return };
@@ -130,10 +127,120 @@ impl TagList {
             at = end;
         }
     }
+}
+
+impl TagList {
+    pub const EMPTY: TagList = TagList(None);
+
+    /// Builds a list from tags (all [`PENDING`]), dropping repeats (the first occurrence keeps its place).
+    /// One exact-size allocation; none for no tags.
+    ///
+    /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of
+    /// the few before each tag below it), so a long list costs no more to load than to read.
+    pub fn new(tags: &[&[u8]]) -> Self {
+        if tags.is_empty() {
+            return TagList(None);
+        }
+        let encoded = Encoder::new(tags);
+        let mut buf = Vec::with_capacity(encoded.len());
+        encoded.write(&mut buf);
+        TagList(Some(buf.into_boxed_slice()))
+    }
+
+    /// An owned copy of a list in place.
+    pub fn from_tags(tags: &Tags) -> Self {
+        if tags.is_empty() {
+            TagList(None)
+        } else {
+            TagList(Some(Box::from(tags.as_bytes())))
+        }
+    }
 
     /// Heap bytes held by the list.
     pub fn heap_size(&self) -> usize {
         self.0.as_ref().map_or(0, |b| b.len())
+    }
+}
+
+/// Tag names laid out as a list's bytes (all [`PENDING`], repeats dropped), written straight into a
+/// caller's buffer (an entry's single allocation) without building a [`TagList`] first.
+pub struct Encoder<'a> {
+    tags: &'a [&'a [u8]],
+    /// For up to [`LINEAR_DEDUP_MAX`] tags: bit `i` set when tag `i` repeats an earlier one.
+    repeats: u16,
+    /// Above it: which tags to keep.
+    keep: Option<Vec<bool>>,
+    len: usize,
+}
+
+impl<'a> Encoder<'a> {
+    /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of the
+    /// few before each tag below it, with no allocation).
+    pub fn new(tags: &'a [&'a [u8]]) -> Self {
+        let (repeats, keep) = if tags.len() <= LINEAR_DEDUP_MAX {
+            let mask = (0..tags.len()).filter(|&i| tags[..i].contains(&tags[i])).fold(0u16, |m, i| m | (1 << i));
+            (mask, None)
+        } else {
+            let mut seen = ahash::AHashSet::with_capacity(tags.len());
+            (0, Some(tags.iter().map(|t| seen.insert(*t)).collect()))
+        };
+        let mut e = Encoder { tags, repeats, keep, len: 0 };
+        e.len = e.kept().map(|t| HEAD + varint_len(t.len()) + t.len()).sum();
+        e
+    }
+
+    fn kept(&self) -> impl Iterator<Item = &'a [u8]> + '_ {
+        self.tags.iter().enumerate().filter(|&(i, _)| self.keeps(i)).map(|(_, t)| *t)
+    }
+
+    #[inline]
+    fn keeps(&self, i: usize) -> bool {
+        match &self.keep {
+            Some(keep) => keep.get(i).copied().unwrap_or(false),
+            None => self.repeats & (1 << i) == 0,
+        }
+    }
+
+    /// Bytes the list takes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Tags kept (without repeats).
+    pub fn count(&self) -> usize {
+        self.kept().count()
+    }
+
+    /// Appends the list's bytes to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for t in self.kept() {
+            out.extend_from_slice(&PENDING.to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            put_varint(out, t.len());
+            out.extend_from_slice(t);
+        }
+    }
+}
+
+impl std::ops::Deref for TagList {
+    type Target = Tags;
+    #[inline]
+    fn deref(&self) -> &Tags {
+        Tags::from_bytes(self.0.as_deref().unwrap_or(&[]))
+    }
+}
+
+impl std::ops::DerefMut for TagList {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut Tags {
+        match self.0.as_deref_mut() {
+            Some(b) => Tags::from_bytes_mut(b),
+            None => Tags::from_bytes_mut(&mut []),
+        }
     }
 }
 

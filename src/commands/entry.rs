@@ -8,7 +8,6 @@ use tiercache_core::entry::Storage;
 use tiercache_core::lease::Acquire;
 use tiercache_core::lz4::MAX_ORIGINAL_LEN;
 use tiercache_core::persist::MAX_PERSISTED_TAGS;
-use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 
 use crate::acl::{self, Access};
@@ -17,6 +16,7 @@ use crate::emit::{KeyTtl, SetArgv};
 use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::leases;
+use crate::propagation;
 use crate::reply::{self, Value};
 use crate::stats;
 use crate::tagindex;
@@ -34,7 +34,8 @@ const SCRATCH_KEEP: usize = 1 << 20;
 ///
 /// A value whose decoded size exceeds `tiercache.max-value-size` is refused. Everything is validated
 /// and the entry is built before the key is touched, so an error changes nothing. The write is
-/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs).
+/// propagated as its effect (absolute deadlines, stored bytes; see emit.rs) whenever anything reads the
+/// propagated stream, verbatim otherwise (see propagation.rs).
 pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
@@ -43,7 +44,9 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
-    let max_tags = if replayed(ctx) { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
+    let flags = ctx_flags(ctx);
+    let replay = replayed(flags);
+    let max_tags = if replay { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
     let parsed = match parse_set(&opts, max_tags) {
         Ok(p) => p,
         Err(e) => return reply::error(ctx, &e.to_string()),
@@ -59,7 +62,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
     // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
-    let max_value = if replayed(ctx) { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
+    let max_value = if replay { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
     match storage.decoded_len(bytes(args[2])) {
         Ok(n) if n > max_value => {
             return reply::error(
@@ -82,11 +85,11 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
             return reply::error(ctx, e);
         }
     }
-    let tags = TagList::new(&parsed.tags);
-    let entry = match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), tags) {
-        Ok(e) => e,
-        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
-    };
+    let entry =
+        match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &parsed.tags) {
+            Ok(e) => e,
+            Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+        };
 
     let mut key = WriteKey::open(ctx, args[1]);
     if let Slot::WrongType = key.slot() {
@@ -102,7 +105,9 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         .tags_at
         .filter(|_| entry.tags().len() == parsed.tags.len())
         .and_then(|at| args.get(3 + at..3 + at + 1 + parsed.tags.len()));
-    let effect = SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl);
+    // The effect form only when something reads the propagated stream (see propagation.rs).
+    let effect = propagation::needs_effects(ctx, flags)
+        .then(|| SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl));
     // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
     let mut entry = entry;
     let fill = match parsed.lease {
@@ -115,25 +120,35 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         },
         None => None,
     };
-    // The old entry is replaced in place (no unlink callback): take it out of the tag index here.
+    // The old entry is replaced in place (no unlink callback): take it out of the tag index here, unless
+    // the new one has the same tags and simply takes its place.
+    let mut carried = false;
     if let Some(old) = key.entry_mut() {
-        tagindex::detach(db, bytes(args[1]), old);
+        carried = tagindex::carry_over(old, &mut entry);
+        if !carried {
+            tagindex::detach(db, bytes(args[1]), old);
+        }
     }
-    if let Err(msg) = key.store(Box::new(entry), expire_at) {
+    if let Err(msg) = key.store(entry, expire_at) {
         if let Some(lease) = fill {
             leases::abort_fill(ctx, db, bytes(args[1]), lease);
         }
         return reply::error(ctx, msg);
     }
     if let Some(e) = key.entry_mut() {
-        tagindex::attach(ctx, db, bytes(args[1]), e);
+        if !carried {
+            tagindex::attach(ctx, db, bytes(args[1]), e);
+        }
         match fill {
             Some(lease) => leases::filled(lease, e),
             None => leases::written_by_other(db, bytes(args[1]), e),
         }
     }
     drop(key);
-    effect.replicate();
+    match effect {
+        Some(effect) => effect.replicate(),
+        None => propagation::replicate_verbatim(ctx),
+    }
     // SAFETY: live command context and key name; the event name is a C string.
     unsafe {
         api!(RedisModule_NotifyKeyspaceEvent)(
@@ -147,11 +162,15 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     reply::ok(ctx)
 }
 
-/// True when the command comes from the master's stream or from AOF loading.
-fn replayed(ctx: Ctx) -> bool {
-    let flags = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+fn ctx_flags(ctx: Ctx) -> c_int {
     // SAFETY: ctx is the live command context.
-    (unsafe { api!(RedisModule_GetContextFlags)(ctx) } & flags) != 0
+    unsafe { api!(RedisModule_GetContextFlags)(ctx) }
+}
+
+/// True when the command comes from the master's stream or from AOF loading.
+fn replayed(flags: c_int) -> bool {
+    let replay = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+    flags & replay != 0
 }
 
 /// TIERCACHE.GET key [ENCODED]
