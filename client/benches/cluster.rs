@@ -9,12 +9,12 @@
 //! `cargo bench -p tiercache-client --bench cluster [-- --quick]` (`TIERCACHE_MODULE` picks the build;
 //! use the release one: `cargo build --release` first).
 
-#[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
-mod common;
 #[path = "../tests/common/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "../../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
 
 use std::time::Instant;
 
@@ -40,7 +40,8 @@ async fn run(conn: &ClusterConnection, cmd: &'static str, prefix: &'static str, 
             let mut x = seed ^ (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             for _ in 0..requests / TASKS {
                 x = xorshift(x);
-                let v: Option<Vec<u8>> = redis::cmd(cmd).arg(format!("{prefix}{}", x % KEYS)).query_async(&mut conn).await.expect(cmd);
+                let v: Option<Vec<u8>> =
+                    redis::cmd(cmd).arg(format!("{prefix}{}", x % KEYS)).query_async(&mut conn).await.expect(cmd);
                 assert!(v.is_some_and(|v| v.len() == 100), "{cmd}: missing value");
             }
         }));

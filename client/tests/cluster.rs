@@ -309,7 +309,11 @@ async fn moved_during_resharding(cl: &Cluster, db: &Db) {
     let full = a.redis_key(&key);
     let s = slot(cl, &full).to_string();
     let to = masters(cl).into_iter().find(|&m| m != from).expect("another master");
-    let want = read(&a, db, &key).await;
+    // Its own tag: a RESTOREd entry carrying a tag invalidated within the server's window (the
+    // cluster-wide scenario just invalidated TAG) lands invalidated on purpose (the migration race).
+    let want = "before-move".to_string();
+    a.set(&key, &want, &Opts::default().ttl(Duration::from_secs(120)).tag("moving")).await.expect("set");
+    assert_eq!(read(&a, db, &key).await, want);
     let (from_id, to_id) = (cl.id(from), cl.id(to));
     assert!(cl.cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]).contains("OK"));
     assert!(cl.cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]).contains("OK"));

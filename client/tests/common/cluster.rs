@@ -1,6 +1,6 @@
 //! A real Redis Cluster on loopback for the client's tests: 3 masters + 3 replicas, each with the module
-//! loaded (the servers of `tests/common/mod.rs` with `--cluster-enabled yes`), created with
-//! `redis-cli --cluster create`. Every server is killed when the [`Cluster`] is dropped.
+//! loaded, started by the module tests' harness (`tests/common/cluster.rs`) and owned here: every server
+//! is killed when the [`Cluster`] is dropped. Helpers by node index for the client's scenarios.
 //!
 //! Include after the server guard: `#[path = "../../tests/common/mod.rs"] mod common;` then
 //! `#[path = "common/cluster.rs"] mod cluster;`.
@@ -10,6 +10,9 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use crate::common::Server;
+
+#[path = "../../../tests/common/cluster.rs"]
+mod harness;
 
 pub struct Cluster {
     pub nodes: Vec<Server>,
@@ -25,30 +28,10 @@ fn cli(port: u16, args: &[&str]) -> String {
 }
 
 impl Cluster {
-    /// Starts 6 nodes and creates the cluster (node 0..2 masters, each with one replica).
+    /// Starts 6 nodes and creates the cluster (3 masters, each with one replica) with the module's test
+    /// harness (`tests/common/cluster.rs`: ports whose bus ports are free too), owned by this value.
     pub fn start() -> Cluster {
-        let nodes: Vec<Server> = (0..6)
-            .map(|_| {
-                Server::builder()
-                    .args(&[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        "nodes.conf",
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--cluster-replica-validity-factor",
-                        "0",
-                    ])
-                    .start()
-            })
-            .collect();
-        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let mut args: Vec<&str> = vec!["--cluster", "create"];
-        args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
-        let out = cli(nodes[0].port, &args);
-        assert!(out.contains("All 16384 slots covered"), "redis-cli --cluster create failed:\n{out}");
+        let harness::Cluster { nodes } = harness::Cluster::start();
         let c = Cluster { nodes };
         c.wait_ok();
         c
