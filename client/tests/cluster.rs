@@ -9,7 +9,6 @@
 #[allow(dead_code)]
 mod cluster;
 #[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::collections::HashMap;

@@ -3,7 +3,6 @@
 //! `SENTINEL FAILOVER` it follows the promoted replica, with L1 dropped and reads working.
 
 #[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::net::TcpListener;

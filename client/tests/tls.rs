@@ -3,7 +3,6 @@
 //! and its invalidation feed works over TLS. A cache that does not trust the CA cannot reach Redis.
 
 #[path = "../../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::net::TcpListener;
