@@ -228,7 +228,8 @@ impl Remote {
         let Some(s) = sentinel.as_mut() else {
             return self.server.lock().clone().ok_or_else(|| (redis::ErrorKind::InvalidClientConfig, "no server").into());
         };
-        let master = s.async_get_client().await?;
+        // Rebuilt through `open`, so that `rediss://` masters get the configured trust roots.
+        let master = self.open(s.async_get_client().await?.get_connection_info().clone())?;
         *self.server.lock() = Some(master.clone());
         Ok(master)
     }
