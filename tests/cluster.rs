@@ -523,3 +523,32 @@ fn wait_master(c: &mut Cluster, port: u16, within: Duration) {
         std::thread::sleep(ms(100));
     }
 }
+
+/// Redis Cluster broadcasts PUBLISH to every node: a subscriber on one master receives the invalidation
+/// message of every node (3 masters, 3 replicas), each under its own run id.
+#[test]
+fn invalidation_messages_reach_a_subscriber_on_any_node() {
+    with_cluster(|c| {
+        let masters = c.masters();
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}/", masters[2])).unwrap();
+        let mut con = client.get_connection().unwrap();
+        con.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sub = con.as_pubsub();
+        sub.subscribe("tiercache:invalidations").unwrap();
+        assert_eq!(c.conn(masters[0], Proto::Resp3).int(&cmd!("TIERCACHE.INVALIDATE", "msg-tag")), 0);
+        let mut run_ids = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run_ids.len() < 6 {
+            assert!(Instant::now() < deadline, "messages from {} nodes only", run_ids.len());
+            let msg = sub.get_message().expect("message");
+            let payload: Vec<u8> = msg.get_payload().unwrap();
+            let v = rmpv::decode::read_value(&mut &payload[..]).expect("MessagePack");
+            let rmpv::Value::Map(kv) = v else { panic!("{v:?}") };
+            let field = |name: &str| kv.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v.clone());
+            let tags = field("tags").expect("tags");
+            if tags.as_array().is_some_and(|t| t.iter().any(|t| t.as_slice() == Some(b"msg-tag"))) {
+                run_ids.insert(field("run_id").and_then(|r| r.as_str().map(str::to_string)).expect("run_id"));
+            }
+        }
+    })
+}
