@@ -300,7 +300,8 @@ impl Remote {
             let info = with_addr(&base, addr)?;
             let (mut feed_conn, rx) = self.feed(info, prefix, channel).await?;
             let info: String = redis::cmd("INFO").arg("server").query_async(&mut feed_conn).await?;
-            let run_id = info_field(&info, "run_id").unwrap_or_default().to_owned();
+            // The feed keeps only messages carrying this run_id: without it, it could not tell them apart.
+            let run_id = info_field(&info, "run_id").ok_or((redis::ErrorKind::Parse, "no run_id in INFO server"))?.to_owned();
             conns.insert(id.clone(), feed_conn);
             feeds.push(Feed { rx, node: Some(NodeTag { id: id.clone(), run_id }), generation });
         }
