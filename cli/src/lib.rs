@@ -6,6 +6,7 @@ pub mod exporter;
 pub mod message;
 pub mod purge;
 pub mod serve;
+pub mod write_behind;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {

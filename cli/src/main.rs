@@ -24,6 +24,9 @@ enum Cmd {
     Purge(Box<PurgeArgs>),
     /// Serve every `INFO tiercache` field (and used_memory, maxmemory, evicted_keys) as Prometheus metrics.
     Exporter(ExporterArgs),
+    /// Write-behind: apply the writes clients queued on Redis Streams to PostgreSQL (cli/src/write_behind.rs).
+    #[command(subcommand)]
+    WriteBehind(tiercache_cli::write_behind::Command),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -223,6 +226,7 @@ fn main() -> ExitCode {
             match cli.cmd {
                 Cmd::Purge(a) => run_purge(*a).await,
                 Cmd::Exporter(a) => run_exporter(a).await,
+                Cmd::WriteBehind(c) => tiercache_cli::write_behind::main(c).await,
             }
         };
         tokio::select! {
