@@ -38,6 +38,8 @@ impl Access {
 pub struct User {
     ctx: Ctx,
     user: *mut raw::RedisModuleUser,
+    /// The user's name, to find it again later (see [`User::by_name`]).
+    name: Vec<u8>,
 }
 
 impl User {
@@ -75,8 +77,24 @@ impl User {
         }
         // SAFETY: name is a live string; the result is NULL or a handle we free in Drop.
         let user = unsafe { api!(RedisModule_GetModuleUserFromUserName)(name) };
+        let copy = crate::ffi::bytes(name).to_vec();
         free_string(ctx, name);
-        (!user.is_null()).then_some(User { ctx, user })
+        (!user.is_null()).then_some(User { ctx, user, name: copy })
+    }
+
+    /// The user's name, to look it up again with [`User::by_name`] after the command returned (a handle
+    /// must not be kept across event-loop iterations: the user could be deleted meanwhile).
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Looks a user up by name outside a command (no ACL LOG entries: there is no command context).
+    pub fn by_name(name: &[u8]) -> Option<User> {
+        let s = new_string(std::ptr::null_mut(), name);
+        // SAFETY: s is a live string; the result is NULL or a handle we free in Drop.
+        let user = unsafe { api!(RedisModule_GetModuleUserFromUserName)(s) };
+        free_string(std::ptr::null_mut(), s);
+        (!user.is_null()).then_some(User { ctx: std::ptr::null_mut(), user, name: name.to_vec() })
     }
 
     /// Whether the user's key patterns allow `access` to the name `name` (a command argument or a
@@ -115,6 +133,9 @@ impl User {
     }
 
     fn log_denied(&self, name: RStr) {
+        if self.ctx.is_null() {
+            return;
+        }
         // SAFETY: the API table is read-only after load; `ACLAddLogEntry` may be absent from a server
         // that lacks it, in which case there is nothing to record.
         if let Some(add) = unsafe { raw::RedisModule_ACLAddLogEntry } {

@@ -1,6 +1,6 @@
 //! Module configs (Redis 7.0 module config API): `tiercache.compress-min-size`, `tiercache.max-tags`,
-//! `tiercache.reclaim-budget`, `tiercache.max-value-size`, `tiercache.max-lease-ms`, `tiercache.max-wait-ms` and
-//! the string `tiercache.invalidation-channel`.
+//! `tiercache.reclaim-budget`, `tiercache.max-value-size`, `tiercache.max-lease-ms`, `tiercache.max-wait-ms`,
+//! `tiercache.cluster-timeout-ms` and the string `tiercache.invalidation-channel`.
 //!
 //! Each is settable as a loadmodule argument (`compress-min-size 64`, with or without the `tiercache.`
 //! prefix), in redis.conf or on the command line (`tiercache.max-tags 8`), and with CONFIG SET. Bounds
@@ -56,7 +56,12 @@ pub static MAX_LEASE_MS: Numeric = Numeric::new(c"max-lease-ms", 60_000, 1, 86_4
 /// Longest `WAIT ms` of a lease read (how long a parked reader may stay parked).
 pub static MAX_WAIT_MS: Numeric = Numeric::new(c"max-wait-ms", 60_000, 1, 86_400_000);
 
-static ALL: [&Numeric; 6] = [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET, &MAX_VALUE_SIZE, &MAX_LEASE_MS, &MAX_WAIT_MS];
+/// Redis Cluster: how long a cluster-wide INVALIDATE, TAGCOUNT or TAGKEYS waits for every other master
+/// to answer before it replies with an error naming the ones that did not.
+pub static CLUSTER_TIMEOUT_MS: Numeric = Numeric::new(c"cluster-timeout-ms", 5_000, 1, 600_000);
+
+static ALL: [&Numeric; 7] =
+    [&COMPRESS_MIN_SIZE, &MAX_TAGS, &RECLAIM_BUDGET, &MAX_VALUE_SIZE, &MAX_LEASE_MS, &MAX_WAIT_MS, &CLUSTER_TIMEOUT_MS];
 
 /// Name of the string config holding the invalidation channel.
 const CHANNEL: &CStr = c"invalidation-channel";

@@ -2,6 +2,7 @@
 //! ARCHITECTURE.md for where everything lives.
 
 mod acl;
+mod cluster;
 mod commands;
 mod config;
 mod datatype;
@@ -33,6 +34,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
             && tagindex::register(ctx)
             && leases::register(ctx)
             && propagation::register(ctx)
+            && cluster::register(ctx)
     });
     if ok {
         Status::Ok

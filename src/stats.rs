@@ -52,6 +52,8 @@ pub static PASSES: Counter = Counter::new();
 pub static FENCED: Counter = Counter::new();
 pub static EARLY_REFRESHES: Counter = Counter::new();
 pub static RECLAIM_MAX_TICK_US: Counter = Counter::new();
+/// Cluster-wide commands that ended with the timeout error (a master did not answer).
+pub static CLUSTER_TIMEOUTS: Counter = Counter::new();
 /// The longest single tag-index operation on the main thread, in µs, and the most table elements one
 /// touched (see `tagindex::timed`).
 pub static INDEX_LONGEST_OP_US: Counter = Counter::new();
@@ -82,7 +84,7 @@ pub fn entry_removed(e: &Entry) {
 }
 
 /// All fields, in display order.
-pub fn fields() -> [(&'static str, Value<'static>); 30] {
+pub fn fields() -> [(&'static str, Value<'static>); 32] {
     let index = crate::tagindex::index_stats();
     let (leases, waiting, timers) = crate::leases::stats();
     [
@@ -116,6 +118,8 @@ pub fn fields() -> [(&'static str, Value<'static>); 30] {
         ("passes", Value::Int(PASSES.get() as i64)),
         ("fenced", Value::Int(FENCED.get() as i64)),
         ("early_refreshes", Value::Int(EARLY_REFRESHES.get() as i64)),
+        ("cluster_pending", Value::Int(crate::cluster::pending() as i64)),
+        ("cluster_timeouts", Value::Int(CLUSTER_TIMEOUTS.get() as i64)),
     ]
 }
 

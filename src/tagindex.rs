@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use redis_module::raw;
 use tiercache_core::index::{Attach, Garbage, IndexStats, Registry};
-use tiercache_core::tags::Tags;
+use tiercache_core::tags::{Tags, DEAD};
 use tiercache_core::Entry;
 
 use crate::config;
@@ -165,6 +165,7 @@ pub fn invalidate(ctx: Ctx, tags: &[&[u8]]) -> usize {
     let db = selected_db(ctx);
     let master = !is_replica(ctx);
     let count = timed(|r| r.invalidate(db, tags, master)).unwrap_or(0);
+    crate::cluster::record_invalidation(ctx, db, tags);
     crate::leases::tags_invalidated(db, tags);
     if master {
         arm_reclaim(ctx);
@@ -340,7 +341,14 @@ unsafe extern "C" fn on_keyspace(ctx: Ctx, _type: c_int, event: *const c_char, k
                 // The "loaded" event passes a key object on Redis's stack, which OpenKey must not retain:
                 // open a copy.
                 let owned = new_string(ctx, name);
-                keys::with_entry_mut(ctx, owned, |e| attach(ctx, db, name, e));
+                keys::with_entry_mut(ctx, owned, |e| {
+                    // Cluster: a migrated entry whose tag was invalidated here moments ago may predate
+                    // that invalidation (see `tiercache_core::cluster`): it arrives invalidated.
+                    if ev == b"restore" && crate::cluster::invalidated_recently(ctx, db, e.tags().iter()) {
+                        e.tags_mut().set_epochs(|_, _| DEAD);
+                    }
+                    attach(ctx, db, name, e)
+                });
                 free_string(ctx, owned);
                 if ev != b"loaded" {
                     crate::leases::key_changed(db, name);

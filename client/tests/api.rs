@@ -362,6 +362,16 @@ async fn an_existing_redis_client_can_be_passed_in() {
     assert_eq!(a.get::<String>("k").await.unwrap().as_deref(), Some("v2"));
 }
 
+/// Read-key tracking is refused in cluster mode (a read redirected by MOVED/ASK would land in L1
+/// untracked); the refusal comes from `build()`, before any connection.
+#[tokio::test]
+async fn read_keys_tracking_is_refused_on_a_cluster() {
+    let r = TierCache::builder_cluster(["redis://127.0.0.1:1"]).tracking(Tracking::ReadKeys).build().await;
+    let e = r.err().expect("ReadKeys on a cluster must not build");
+    assert_eq!(e.kind(), redis::ErrorKind::InvalidClientConfig);
+    assert!(e.to_string().contains("ReadKeys"), "{e}");
+}
+
 /// The trade-off of [`Tracking::ReadKeys`], printed for BENCHMARKS.md: 4 clients of each mode read the
 /// same 100 of 1,000 keys, then another client rewrites all 1,000 keys one by one. Broadcast clients hear
 /// of every write; read-keys clients only of the keys they read, and the server keeps a (key, client)

@@ -9,9 +9,11 @@
 //!   bounded work.
 //! - [`args`] and [`num`]: command argument parsing with Redis's error texts.
 //! - [`clock`]: a clock that tests can move by hand.
+//! - [`cluster`]: the cluster-bus messages and the record of recent invalidations (Redis Cluster).
 
 pub mod args;
 pub mod clock;
+pub mod cluster;
 pub mod entry;
 pub mod index;
 pub mod keyset;

@@ -7,6 +7,8 @@ mod lease;
 mod stats;
 mod tags;
 
+pub use tags::apply_invalidate;
+
 use std::ffi::CStr;
 use std::os::raw::c_int;
 
@@ -90,28 +92,29 @@ fn table() -> [Command; 10] {
         Command {
             name: c"tiercache.invalidate",
             handler: handler!(tags::invalidate),
-            flags: c"write",
+            flags: c"write blocking",
             arity: -2,
             key: KeyAccess::None,
-            summary: c"Invalidates every entry carrying any of the tags; their memory is reclaimed incrementally.",
+            summary: c"Invalidates every entry carrying any of the tags (on every master of a cluster unless LOCAL); their memory is reclaimed incrementally.",
             complexity: c"O(T) for T tags, independent of the number of entries carrying them.",
         },
         Command {
             name: c"tiercache.tagcount",
             handler: handler!(tags::tagcount),
-            flags: c"readonly fast",
-            arity: 2,
+            // `blocking`: on a cluster node the caller waits for the other masters.
+            flags: c"readonly blocking",
+            arity: -2,
             key: KeyAccess::None,
-            summary: c"Returns the number of live entries carrying a tag.",
+            summary: c"Returns the number of live entries carrying a tag (on every master of a cluster unless LOCAL).",
             complexity: c"O(1)",
         },
         Command {
             name: c"tiercache.tagkeys",
             handler: handler!(tags::tagkeys),
-            flags: c"readonly",
+            flags: c"readonly blocking",
             arity: -2,
             key: KeyAccess::None,
-            summary: c"Returns up to COUNT (default 100) keys of live entries carrying a tag.",
+            summary: c"Returns up to COUNT (default 100) keys of live entries carrying a tag (from every master of a cluster unless LOCAL).",
             complexity: c"O(N) for N keys returned",
         },
         Command {

@@ -64,7 +64,7 @@ pub const META_FIELDS: [&str; 10] = [
 ];
 
 /// Field names of TIERCACHE.STATS (and of `INFO tiercache`), in the spec's order.
-pub const STATS_FIELDS: [&str; 30] = [
+pub const STATS_FIELDS: [&str; 32] = [
     "entries",
     "compressed_entries",
     "bytes_original",
@@ -95,6 +95,8 @@ pub const STATS_FIELDS: [&str; 30] = [
     "passes",
     "fenced",
     "early_refreshes",
+    "cluster_pending",
+    "cluster_timeouts",
 ];
 
 pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
@@ -159,6 +161,8 @@ pub struct ServerBuilder {
     conf_lines: Vec<String>,
     no_loadmodule: bool,
     replica_of: Option<u16>,
+    /// A fixed port instead of a free one (the cluster harness needs port + 10000 free too).
+    port: Option<u16>,
 }
 
 impl ServerBuilder {
@@ -187,6 +191,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Listen on `port` (no retry on another port if it is taken).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// Start as a replica of `master`; `start()` then waits for `master_link_status:up`.
     pub fn replica_of(mut self, master: &Server) -> Self {
         self.replica_of = Some(master.port);
@@ -207,7 +217,7 @@ impl ServerBuilder {
         let mut last_err = String::new();
         for _attempt in 0..5 {
             let mut server = Server {
-                port: free_port(),
+                port: self.port.unwrap_or_else(free_port),
                 dir: dir.clone(),
                 child: None,
                 builder: self.clone(),
@@ -227,7 +237,7 @@ impl ServerBuilder {
                     // Drop removes the directory unless we retry; keep it for the retry.
                     server.keep_dir = true;
                     drop(server);
-                    if !in_use {
+                    if !in_use || self.port.is_some() {
                         break;
                     }
                 }
@@ -381,6 +391,11 @@ impl Server {
             Some(c) => c.try_wait().unwrap().is_none(),
             None => false,
         }
+    }
+
+    /// The process id (None once stopped or killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// A RESP2 connection.

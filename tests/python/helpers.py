@@ -55,6 +55,8 @@ STATS_FIELDS = [
     "passes",
     "fenced",
     "early_refreshes",
+    "cluster_pending",
+    "cluster_timeouts",
 ]
 # META fields that do not move with the clock (the *_ttl_ms fields count down).
 STABLE_META_FIELDS = [f for f in META_FIELDS if f not in ("fresh_ttl_ms", "stale_ttl_ms")]
@@ -390,7 +392,7 @@ LEASE_STATUSES = (b"HIT", b"STALE", b"FILL", b"BUSY", b"PASS")
 # The lease counters of TIERCACHE.STATS / INFO tiercache (gauges first).
 LEASE_GAUGES = ["leases", "lease_waiters", "lease_timers"]
 # The lease part of STATS_FIELDS (from stale_served on), without the gauges.
-LEASE_COUNTERS = [f for f in STATS_FIELDS[STATS_FIELDS.index("stale_served"):] if f not in LEASE_GAUGES]
+LEASE_COUNTERS = [f for f in STATS_FIELDS[STATS_FIELDS.index("stale_served"):STATS_FIELDS.index("cluster_pending")] if f not in LEASE_GAUGES]
 FENCED_NOT_HELD = "FENCED the lease is not held by this token (expired, released or re-granted)"
 FENCED_KEY = "FENCED the key was written or deleted after the lease was granted"
 FENCED_TAG = "FENCED a tag of this entry was invalidated after the lease was granted"
