@@ -43,6 +43,16 @@ static SHARED: OnceLock<Mutex<Option<Cluster>>> = OnceLock::new();
 
 extern "C" {
     fn atexit(cb: extern "C" fn()) -> std::os::raw::c_int;
+    fn kill(pid: i32, sig: i32) -> std::os::raw::c_int;
+}
+
+/// Linux signal numbers (no `kill` binary needed: minimal Debian images lack procps).
+const SIGCONT: i32 = 18;
+const SIGSTOP: i32 = 19;
+
+fn signal(pid: u32, sig: i32) -> bool {
+    // SAFETY: sends a signal to a child process of ours; no memory is involved.
+    unsafe { kill(pid as i32, sig) == 0 }
 }
 
 extern "C" fn kill_shared() {
@@ -254,7 +264,7 @@ impl Cluster {
     pub fn heal(&mut self) {
         for n in &mut self.nodes {
             if let Some(pid) = n.pid() {
-                let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+                signal(pid, SIGCONT);
             }
             if !n.is_running() {
                 n.restart();
@@ -266,9 +276,7 @@ impl Cluster {
     /// Sends SIGSTOP (true) or SIGCONT (false) to the node on `port`.
     pub fn pause(&self, port: u16, stop: bool) {
         let pid = self.node(port).pid().expect("running node");
-        let sig = if stop { "-STOP" } else { "-CONT" };
-        let st = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill");
-        assert!(st.success());
+        assert!(signal(pid, if stop { SIGSTOP } else { SIGCONT }), "signal {pid}");
     }
 }
 
