@@ -97,6 +97,38 @@ pub fn server_config(ctx: Ctx, name: &std::ffi::CStr) -> Option<Vec<u8>> {
     }
 }
 
+/// The bytes of command arguments, without a heap allocation for the usual handful of options.
+// On the stack on purpose: it lives for one command and saves an allocation through Redis's allocator.
+#[allow(clippy::large_enum_variant)]
+pub enum ArgBytes<'a> {
+    Inline([&'a [u8]; 16], usize),
+    Heap(Vec<&'a [u8]>),
+}
+
+impl<'a> ArgBytes<'a> {
+    pub fn new(args: &[RStr]) -> Self {
+        if args.len() <= 16 {
+            let mut a: [&'a [u8]; 16] = [&[]; 16];
+            for (slot, &s) in a.iter_mut().zip(args) {
+                *slot = bytes(s);
+            }
+            ArgBytes::Inline(a, args.len())
+        } else {
+            ArgBytes::Heap(args.iter().map(|&s| bytes(s)).collect())
+        }
+    }
+}
+
+impl<'a> std::ops::Deref for ArgBytes<'a> {
+    type Target = [&'a [u8]];
+    fn deref(&self) -> &[&'a [u8]] {
+        match self {
+            ArgBytes::Inline(a, n) => &a[..(*n).min(16)],
+            ArgBytes::Heap(v) => v,
+        }
+    }
+}
+
 /// Borrows the bytes of a Redis string.
 #[inline]
 pub fn bytes<'a>(s: RStr) -> &'a [u8] {

@@ -13,7 +13,7 @@ use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 use crate::acl::{self, Access};
 use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
-use crate::ffi::{api, bytes, now_ms, Ctx, RStr};
+use crate::ffi::{api, bytes, now_ms, ArgBytes, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::leases;
 use crate::propagation;
@@ -40,7 +40,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
     }
-    let opts: Vec<&[u8]> = args[3..].iter().map(|&s| bytes(s)).collect();
+    let opts = ArgBytes::new(&args[3..]);
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
@@ -181,7 +181,7 @@ pub fn get(ctx: Ctx, args: &[RStr]) -> c_int {
     let encoded = match args.len() {
         2 => false,
         n if n > 2 => {
-            let opts: Vec<&[u8]> = args[2..].iter().map(|&s| bytes(s)).collect();
+            let opts = ArgBytes::new(&args[2..]);
             match parse_get(&opts) {
                 Ok(GetArgs { encoded, with_ttl, lease: Some(lease) }) => {
                     return get_lease(ctx, args[1], lease, leases::Shape { encoded, with_ttl })
