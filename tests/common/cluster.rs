@@ -112,6 +112,11 @@ pub fn node_args() -> Vec<String> {
         &NODE_TIMEOUT_MS.to_string(),
         "--cluster-require-full-coverage",
         "no",
+        // No automatic failover unless a test asks for it (`allow_failover`): on a busy 2-core VM a
+        // starved node may miss the node timeout, and a spurious failover would break other tests.
+        // CLUSTER FAILOVER still works.
+        "--cluster-replica-no-failover",
+        "yes",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -271,6 +276,14 @@ impl Cluster {
             }
         }
         self.wait_ok(Duration::from_secs(60));
+        for n in &self.nodes {
+            n.conn_proto(Proto::Resp2).ok(&crate::cmd!("CONFIG", "SET", "cluster-replica-no-failover", "yes"));
+        }
+    }
+
+    /// Lets the replica on `port` take over automatically when its master fails (until `heal`).
+    pub fn allow_failover(&self, port: u16) {
+        self.conn(port, Proto::Resp2).ok(&crate::cmd!("CONFIG", "SET", "cluster-replica-no-failover", "no"));
     }
 
     /// Sends SIGSTOP (true) or SIGCONT (false) to the node on `port`.
