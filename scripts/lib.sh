@@ -194,6 +194,16 @@ tc_missing_edge_packages() {
     { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } || echo prometheus
 }
 
+# PostgreSQL server binaries (initdb, pg_ctl under /usr/lib/postgresql/<major>/bin): the write-path
+# tests (client/tests/write_paths.rs, cli/tests/write_behind.rs) and the pg bridge and warm tests
+# (cli/tests/pg_bridge.rs, cli/tests/warm.rs) start a throwaway cluster.
+tc_missing_pg_packages() {
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || echo postgresql
+}
+tc_ensure_pg_deps() {
+    tc_apt_ensure "the PostgreSQL tests" tc_missing_pg_packages
+}
+
 # Installs varnish, varnish-modules and prometheus when missing (apt-get as root; otherwise prints the
 # sudo line and exits 1, like tc_ensure_system_deps).
 tc_ensure_edge_deps() {

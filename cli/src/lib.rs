@@ -4,8 +4,11 @@
 pub mod backend;
 pub mod exporter;
 pub mod message;
+pub mod pg;
 pub mod purge;
 pub mod serve;
+pub mod warm;
+pub mod write_behind;
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {

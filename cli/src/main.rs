@@ -24,6 +24,14 @@ enum Cmd {
     Purge(Box<PurgeArgs>),
     /// Serve every `INFO tiercache` field (and used_memory, maxmemory, evicted_keys) as Prometheus metrics.
     Exporter(ExporterArgs),
+    /// Invalidation driven by PostgreSQL commits: install triggers, run the outbox bridge.
+    #[command(subcommand)]
+    Pg(tiercache_cli::pg::PgCmd),
+    /// Load hot rows into the cache from annotated SQL (PostgreSQL or SQLite), never over a fresher entry.
+    Warm(Box<tiercache_cli::warm::WarmArgs>),
+    /// Write-behind: apply the writes clients queued on Redis Streams to PostgreSQL (cli/src/write_behind.rs).
+    #[command(subcommand)]
+    WriteBehind(tiercache_cli::write_behind::Command),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -223,6 +231,9 @@ fn main() -> ExitCode {
             match cli.cmd {
                 Cmd::Purge(a) => run_purge(*a).await,
                 Cmd::Exporter(a) => run_exporter(a).await,
+                Cmd::Pg(c) => tiercache_cli::pg::run(c).await,
+                Cmd::Warm(a) => tiercache_cli::warm::cli(*a).await,
+                Cmd::WriteBehind(c) => tiercache_cli::write_behind::main(c).await,
             }
         };
         tokio::select! {

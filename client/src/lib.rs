@@ -21,6 +21,8 @@
 
 pub mod edge;
 mod metrics;
+// The write paths (write-through, invalidations after commit, write-behind): client/src/write.rs.
+mod write;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -39,6 +41,10 @@ use tracing::Instrument;
 pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
 /// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
 pub use prometheus_client;
+pub use write::{
+    write_behind_shard, write_behind_stream, Accepted, TxError, TxInvalidations, WriteOp, DEFAULT_IDEMPOTENCY_TTL,
+    WRITE_BEHIND_SHARDS,
+};
 
 /// Why a call failed. Redis problems never surface here from `get_or_load`: it falls back to the loader.
 #[derive(Debug)]

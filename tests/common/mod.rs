@@ -47,7 +47,7 @@ macro_rules! proto_tests {
 pub fn redis_server() -> String {
     std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_string())
 }
-pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Field names of TIERCACHE.META, in the spec's order.
 pub const META_FIELDS: [&str; 10] = [

@@ -14,6 +14,12 @@
 //!   after an update's commit.
 //! - `tiercache-delete` (not run by default): tiercache read the same way, invalidated by
 //!   `delete("profile:<id>")` instead of the tag.
+//! - `tiercache-bridge`: tiercache read the same way, and the application invalidates nothing: the
+//!   `tiercache pg bridge` (started by scripts/bench-e2e, triggers from `tiercache pg install`) turns the
+//!   committed rows into invalidations. A read that misses a committed version is then stale only if it
+//!   started later than the version's commit plus the bridge's lag: the age of each such read (read start
+//!   minus the commit of the first version it missed) goes to `--stale-ages FILE`, and the script counts
+//!   those older than the bridge's largest lag.
 //!
 //! Stale reads: after an update's invalidation returns, the updating task raises the user's "committed
 //! version" (shared, per user). Every read notes that version before it starts and counts as stale when
@@ -25,7 +31,7 @@
 //! ```text
 //! e2e --pg 'host=127.0.0.1 port=5432 user=postgres dbname=postgres' --redis redis://127.0.0.1:6379/
 //!     [--modes none,cacheaside,tiercache] [--users 5000] [--tasks 16] [--secs 20] [--update-pct 1]
-//!     [--ttl 60] [--seed 1] [--instances 1] [--no-setup]
+//!     [--ttl 60] [--seed 1] [--instances 1] [--no-setup | --setup-only] [--stale-ages FILE]
 //! ```
 //!
 //! `--instances K` splits the tasks over K cache clients (K `TierCache`s, K Redis connections), as K
@@ -123,6 +129,8 @@ struct Args {
     seed: u64,
     instances: usize,
     setup: bool,
+    setup_only: bool,
+    stale_ages: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -138,11 +146,17 @@ fn parse_args() -> Args {
         seed: 1,
         instances: 1,
         setup: true,
+        setup_only: false,
+        stale_ages: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--no-setup" {
             a.setup = false;
+            continue;
+        }
+        if flag == "--setup-only" {
+            a.setup_only = true;
             continue;
         }
         let val = it.next().unwrap_or_else(|| die(&format!("{flag} needs a value")));
@@ -158,12 +172,13 @@ fn parse_args() -> Args {
             "--ttl" => a.ttl = num(&val) as u64,
             "--seed" => a.seed = num(&val) as u64,
             "--instances" => a.instances = (num(&val) as usize).max(1),
+            "--stale-ages" => a.stale_ages = Some(val),
             _ => die(&format!("unknown option {flag}")),
         }
     }
     for m in &a.modes {
-        if !["none", "cacheaside", "tiercache", "tiercache-delete"].contains(&m.as_str()) {
-            die(&format!("unknown mode {m} (none, cacheaside, tiercache, tiercache-delete)"));
+        if !["none", "cacheaside", "tiercache", "tiercache-delete", "tiercache-bridge"].contains(&m.as_str()) {
+            die(&format!("unknown mode {m} (none, cacheaside, tiercache, tiercache-delete, tiercache-bridge)"));
         }
     }
     if a.users < 1 || a.tasks < 1 {
@@ -401,6 +416,8 @@ enum Layer {
     Tier(TierCache),
     /// tiercache read the same way, invalidated by `delete(key)` instead of the tag.
     TierDelete(TierCache),
+    /// tiercache read the same way, invalidated by the pg bridge (nothing from the application).
+    TierBridge(TierCache),
 }
 
 struct Shared {
@@ -416,6 +433,10 @@ struct Shared {
     stale_users: Mutex<HashSet<i32>>,
     errors: AtomicU64,
     ttl: u64,
+    /// Bridge mode: (user, version) -> when its commit returned, in nanoseconds since `origin`.
+    commit_times: Mutex<std::collections::HashMap<(i32, i64), u64>>,
+    /// Bridge mode: read start minus the commit of the first version the read missed, per stale read.
+    stale_ages: Mutex<Vec<u64>>,
 }
 
 /// What a failed read or invalidation says (printed, counted as an error).
@@ -457,7 +478,7 @@ async fn read(layer: &mut Layer, db: &Arc<Db>, shared: &Arc<Shared>, user: i32) 
                 .map_err(ReadError::Redis)?;
             Ok(p)
         }
-        Layer::Tier(cache) | Layer::TierDelete(cache) => {
+        Layer::Tier(cache) | Layer::TierDelete(cache) | Layer::TierBridge(cache) => {
             let opts = Opts::default().ttl(Duration::from_secs(shared.ttl)).tag(format!("user:{user}"));
             let (db, shared) = (db.clone(), shared.clone());
             cache
@@ -478,7 +499,7 @@ async fn read(layer: &mut Layer, db: &Arc<Db>, shared: &Arc<Shared>, user: i32) 
 
 async fn invalidate(layer: &mut Layer, user: i32) -> Result<(), ReadError> {
     match layer {
-        Layer::None => Ok(()),
+        Layer::None | Layer::TierBridge(_) => Ok(()),
         Layer::CacheAside(conn) => {
             redis::cmd("DEL").arg(format!("ca:profile:{user}")).query_async::<()>(conn).await.map_err(ReadError::Redis)
         }
@@ -521,8 +542,13 @@ async fn run_task(
                         shared.errors.fetch_add(1, Relaxed);
                     }
                     // Committed and invalidated: every read starting from now must see `version`.
+                    // (Bridge mode: committed; invalidated within the bridge's lag.)
+                    let now = shared.origin.elapsed().as_nanos() as u64;
+                    if matches!(layer, Layer::TierBridge(_)) {
+                        shared.commit_times.lock().unwrap_or_else(|e| e.into_inner()).insert((user, version), now);
+                    }
                     shared.committed[user as usize].fetch_max(version as u64, SeqCst);
-                    shared.committed_at[user as usize].store(shared.origin.elapsed().as_nanos() as u64, SeqCst);
+                    shared.committed_at[user as usize].store(now, SeqCst);
                     updates += 1;
                 }
                 Err(e) => {
@@ -534,6 +560,7 @@ async fn run_task(
         }
         let floor = shared.committed[user as usize].load(SeqCst);
         let t0 = Instant::now();
+        let t0_ns = shared.origin.elapsed().as_nanos() as u64;
         let r = read(&mut layer, &db, &shared, user).await;
         hist.record(t0.elapsed());
         match r {
@@ -544,7 +571,15 @@ async fn run_task(
                     let age = (shared.origin.elapsed().as_nanos() as u64)
                         .saturating_sub(shared.committed_at[user as usize].load(SeqCst));
                     shared.max_stale_ns.fetch_max(age, Relaxed);
-                    if shared.stale.fetch_add(1, Relaxed) < 5 {
+                    if matches!(layer, Layer::TierBridge(_)) {
+                        let missed =
+                            shared.commit_times.lock().unwrap_or_else(|e| e.into_inner()).get(&(user, p.version + 1)).copied();
+                        if let Some(c) = missed {
+                            shared.stale_ages.lock().unwrap_or_else(|e| e.into_inner()).push(t0_ns.saturating_sub(c));
+                        }
+                    }
+                    let quiet = matches!(layer, Layer::TierBridge(_));
+                    if shared.stale.fetch_add(1, Relaxed) < 5 && !quiet {
                         eprintln!(
                             "e2e: stale read: user {user} returned version {} after version {floor} was committed and invalidated (read took {})",
                             p.version,
@@ -596,10 +631,10 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
                     .build()
                     .await
                     .map_err(|e| format!("tiercache instance {i}: {e}"))?;
-                if mode == "tiercache" {
-                    Layer::Tier(cache)
-                } else {
-                    Layer::TierDelete(cache)
+                match mode {
+                    "tiercache" => Layer::Tier(cache),
+                    "tiercache-bridge" => Layer::TierBridge(cache),
+                    _ => Layer::TierDelete(cache),
                 }
             }
         });
@@ -614,6 +649,8 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
         stale_users: Mutex::new(HashSet::new()),
         errors: AtomicU64::new(0),
         ttl: a.ttl,
+        commit_times: Mutex::new(std::collections::HashMap::new()),
+        stale_ages: Mutex::new(Vec::new()),
     });
     let mut dbs = Vec::new();
     for _ in 0..a.tasks {
@@ -646,7 +683,7 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
     }
     let elapsed = start.elapsed().as_secs_f64();
     let note = match &layers[0] {
-        Layer::Tier(_) | Layer::TierDelete(_) => {
+        Layer::Tier(_) | Layer::TierDelete(_) | Layer::TierBridge(_) => {
             let mut l1_hits = 0;
             let mut l2_hits = 0;
             let mut loads = 0;
@@ -654,7 +691,7 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
             let mut coalesced = 0;
             let mut redis_errors = 0;
             for l in &layers {
-                if let Layer::Tier(c) | Layer::TierDelete(c) = l {
+                if let Layer::Tier(c) | Layer::TierDelete(c) | Layer::TierBridge(c) = l {
                     let m = c.metrics();
                     l1_hits += m.l1_hits;
                     l2_hits += m.l2_hits;
@@ -669,6 +706,11 @@ async fn run_mode(a: &Args, mode: &str, zipf: Arc<Zipf>) -> Result<ModeResult, B
         _ => String::new(),
     };
     drop(layers);
+    if let (Some(path), "tiercache-bridge") = (&a.stale_ages, mode) {
+        let ages = shared.stale_ages.lock().unwrap_or_else(|e| e.into_inner());
+        let text: String = ages.iter().map(|n| format!("{n}\n")).collect();
+        std::fs::write(path, text)?;
+    }
     let stale_users = shared.stale_users.lock().unwrap_or_else(|e| e.into_inner()).len();
     Ok(ModeResult {
         mode: mode.to_owned(),
@@ -699,6 +741,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             a.users as i64 * ORDERS_PER_USER * i64::from(LINES_PER_ORDER),
             t.elapsed().as_secs_f64()
         );
+    }
+    if a.setup_only {
+        return Ok(());
     }
     let zipf = Arc::new(Zipf::new(a.users, 1.0));
     let mut results = Vec::new();
