@@ -15,12 +15,16 @@
 //!   Redis is bypassed (the loader runs directly, L1 keeps serving) and a circuit breaker stops calling it
 //!   for a while after repeated errors.
 //!
+//! - **Deployments**: one server, the master a set of Sentinels name, or a Redis Cluster (one feed of
+//!   tracking + messages per master, gap detection per node); TLS with the `tls` feature (`remote.rs`).
+//!
 //! Values are MessagePack (`rmp-serde`), so Rust and Python share entries; values of at least
 //! `compress_min_size` bytes are lz4-framed by the client and read back undecoded (`ENCODED`), so Redis
 //! never decompresses for this client.
 
 pub mod edge;
 mod metrics;
+mod remote;
 // The write paths (write-through, invalidations after commit, write-behind): client/src/write.rs.
 mod write;
 
@@ -31,8 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, PushKind, Value};
+use redis::{PushKind, Value};
+use remote::Conn;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tiercache_core::lz4;
 use tracing::field::Empty;
@@ -98,7 +102,10 @@ impl Opts {
 /// Configuration; see [`TierCache::builder`].
 #[derive(Debug, Clone)]
 pub struct Builder {
-    url: String,
+    target: remote::Target,
+    topology_check: Duration,
+    #[cfg(feature = "tls")]
+    tls_root_cert: Option<Vec<u8>>,
     namespace: String,
     schema_version: u32,
     l1_max_bytes: u64,
@@ -177,15 +184,47 @@ impl Builder {
         self
     }
 
+    /// Talks to a Redis Cluster through any of its `nodes` (`redis://host:port` URLs): commands route by
+    /// key, and each master's invalidations are listened to on a connection of its own.
+    pub fn cluster<S: Into<String>>(mut self, nodes: impl IntoIterator<Item = S>) -> Self {
+        self.target = remote::Target::Cluster(nodes.into_iter().map(Into::into).collect());
+        self
+    }
+    /// Talks to the master that the Sentinels at `sentinels` (`redis://host:port` URLs) name
+    /// `master_name`, asking them again at every reconnect (so a failover leads to the new master).
+    pub fn sentinel<S: Into<String>>(mut self, sentinels: impl IntoIterator<Item = S>, master_name: impl Into<String>) -> Self {
+        self.target =
+            remote::Target::Sentinel { sentinels: sentinels.into_iter().map(Into::into).collect(), master: master_name.into() };
+        self
+    }
+    /// Cluster mode: how often the masters and their slots are polled; a change of masters (a failover,
+    /// a master added or removed) drops L1 and reconnects every node's invalidation feed.
+    pub fn topology_check(mut self, d: Duration) -> Self {
+        self.topology_check = d.max(Duration::from_millis(10));
+        self
+    }
+    /// Trusts these PEM root certificates for `rediss://` URLs instead of the system's (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls_root_cert(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_cert = Some(pem.into());
+        self
+    }
+
     /// Connects (lazily if Redis is down: the cache then starts degraded and keeps trying).
     pub async fn build(self) -> Result<TierCache, redis::RedisError> {
-        let client = redis::Client::open(self.url.as_str())?;
+        let settings = remote::Settings {
+            op_timeout: self.op_timeout,
+            blocking_timeout: self.wait_timeout + self.op_timeout,
+            #[cfg(feature = "tls")]
+            tls_root_cert: self.tls_root_cert.clone(),
+        };
+        let remote = remote::Remote::new(self.target.clone(), settings)?;
         let l1 = quick_cache::sync::Cache::with_weighter(1024, self.l1_max_bytes, L1Weigher);
         let inner = Arc::new(Inner {
             prefix: format!("{}:v{}:", self.namespace, self.schema_version),
             ns_tag: format!("ns:{}:v{}", self.namespace, self.schema_version),
             cfg: self,
-            client,
+            remote,
             main: tokio::sync::Mutex::new(None),
             blocking: Mutex::new(Vec::new()),
             l1,
@@ -196,7 +235,6 @@ impl Builder {
             metrics: Metrics::default(),
             failures: AtomicU64::new(0),
             open_until: Mutex::new(None),
-            last_msg: Mutex::new(None),
             closed: AtomicBool::new(false),
             tracking: AtomicBool::new(false),
         });
@@ -254,7 +292,7 @@ struct Ticket {
 /// only then does it go back. Dropping a `Lease` instead closes the connection, which ends the lease
 /// on the server at once (the next parked reader takes it over) rather than at its milliseconds.
 struct Lease {
-    conn: MultiplexedConnection,
+    conn: Conn,
     token: Vec<u8>,
 }
 
@@ -280,12 +318,14 @@ struct Inner {
     cfg: Builder,
     prefix: String,
     ns_tag: String,
-    client: redis::Client,
-    /// The RESP3 connection: ordinary commands, key tracking and the invalidation subscription.
-    main: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Where connections come from (one server, Sentinel or Cluster).
+    remote: remote::Remote,
+    /// Standalone: the RESP3 connection of ordinary commands, key tracking and the invalidation
+    /// subscription. Cluster: the cluster connection (the feeds are per master, in `remote`).
+    main: tokio::sync::Mutex<Option<Conn>>,
     /// Idle connections for blocking lease reads (one read at a time each). None of them holds a
     /// lease: a connection that took one is kept by its [`Lease`] until the fill or release is done.
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    blocking: Mutex<Vec<Conn>>,
     /// Keyed by the caller's key (without the namespace prefix), so a hit allocates nothing.
     l1: quick_cache::sync::Cache<String, L1Entry, L1Weigher>,
     /// Bumped when L1 is dropped whole (gap, reset, lost connection).
@@ -299,7 +339,6 @@ struct Inner {
     metrics: Metrics,
     failures: AtomicU64,
     open_until: Mutex<Option<Instant>>,
-    last_msg: Mutex<Option<(String, u64)>>,
     closed: AtomicBool,
     /// The tracking + subscription connection is up: only then may L1 take new entries.
     tracking: AtomicBool,
@@ -417,7 +456,10 @@ impl TierCache {
     /// Starts a configuration for the Redis at `redis_url` (`redis://host:port/db`).
     pub fn builder(redis_url: impl Into<String>) -> Builder {
         Builder {
-            url: redis_url.into(),
+            target: remote::Target::Standalone(redis_url.into()),
+            topology_check: Duration::from_secs(1),
+            #[cfg(feature = "tls")]
+            tls_root_cert: None,
             namespace: "app".into(),
             schema_version: 1,
             l1_max_bytes: 64 << 20,
@@ -433,6 +475,18 @@ impl TierCache {
             breaker_cooldown: Duration::from_secs(2),
             channel: "tiercache:invalidations".into(),
         }
+    }
+
+    /// Starts a configuration for a Redis Cluster reached through any of `nodes` (`redis://host:port`);
+    /// see [`Builder::cluster`].
+    pub fn builder_cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Builder {
+        Self::builder("").cluster(nodes)
+    }
+
+    /// Starts a configuration for the master the Sentinels at `sentinels` name `master_name`; see
+    /// [`Builder::sentinel`].
+    pub fn builder_sentinel<S: Into<String>>(sentinels: impl IntoIterator<Item = S>, master_name: impl Into<String>) -> Builder {
+        Self::builder("").sentinel(sentinels, master_name)
     }
 
     /// Counters and gauges now.
@@ -853,7 +907,7 @@ impl Inner {
     }
 
     /// The main connection, connecting (tracking + subscription + listener) when there is none.
-    async fn main_conn(self: &Arc<Self>) -> Option<MultiplexedConnection> {
+    async fn main_conn(self: &Arc<Self>) -> Option<Conn> {
         let mut slot = self.main.lock().await;
         if let Some(c) = slot.as_ref() {
             return Some(c.clone());
@@ -861,35 +915,25 @@ impl Inner {
         if self.circuit_open() {
             return None;
         }
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let config = AsyncConnectionConfig::new()
-            .set_push_sender(tx)
-            .set_connection_timeout(Some(self.cfg.op_timeout))
-            .set_response_timeout(Some(self.cfg.op_timeout));
-        let connect = async {
-            let mut conn = self.resp3_client()?.get_multiplexed_async_connection_with_config(&config).await?;
-            redis::cmd("CLIENT")
-                .arg("TRACKING")
-                .arg("ON")
-                .arg("BCAST")
-                .arg("PREFIX")
-                .arg(&self.prefix)
-                // Our own writes go to L1 directly; hearing of them would only evict what we just stored.
-                .arg("NOLOOP")
-                .query_async::<()>(&mut conn)
-                .await?;
-            conn.subscribe(&self.cfg.channel).await?;
-            redis::RedisResult::Ok(conn)
-        };
+        let connect = self.remote.connect(&self.prefix, &self.cfg.channel);
         match connect.await {
             Ok(conn) => {
                 self.record(true);
                 // Coherence resumes now: everything cached before (including what was loaded while
                 // Redis was away) may have missed invalidations.
                 self.reset_l1();
+                // Idle lease-read connections of the old link may point at a server that is no longer
+                // the master (Sentinel, Cluster failover) or be dead: start the pool afresh.
+                self.blocking.lock().clear();
+                let (conn, feeds) = conn;
                 *slot = Some(conn.clone());
                 self.tracking.store(true, SeqCst);
-                spawn_listener(Arc::downgrade(self), rx);
+                for feed in feeds {
+                    spawn_listener(Arc::downgrade(self), feed);
+                }
+                if self.remote.is_cluster() {
+                    spawn_topology_watch(Arc::downgrade(self), conn.clone());
+                }
                 Some(conn)
             }
             Err(_) => {
@@ -908,12 +952,6 @@ impl Inner {
         }
     }
 
-    fn resp3_client(&self) -> redis::RedisResult<redis::Client> {
-        let url = &self.cfg.url;
-        let sep = if url.contains('?') { '&' } else { '?' };
-        redis::Client::open(format!("{url}{sep}protocol=resp3"))
-    }
-
     /// The tracking connection is gone: L1 keeps serving what it has and what is loaded meanwhile
     /// (bounded by `l1_ttl`), and is dropped whole when coherence resumes.
     async fn lost_connection(&self) {
@@ -930,8 +968,24 @@ impl Inner {
         self.l1.clear();
     }
 
+    /// A feed lost messages (gap, reset, flush): standalone drops L1 whole; a cluster master's feed drops
+    /// only the entries of that master's slots (the whole L1 when they are not known). In-flight fills
+    /// are voided everywhere (the epoch).
+    fn reset_feed(&self, feed: &FeedState) {
+        let slots = feed.node.as_ref().map(|n| self.remote.slots_of(&n.id)).unwrap_or_default();
+        if slots.is_empty() {
+            return self.reset_l1();
+        }
+        self.epoch.fetch_add(1, SeqCst);
+        metrics::bump(&self.metrics.l1_resets);
+        self.l1.retain(|key, _| {
+            let slot = remote::key_slot(format!("{}{key}", self.prefix).as_bytes());
+            !slots.iter().any(|(lo, hi)| (*lo..=*hi).contains(&slot))
+        });
+    }
+
     /// Gives an idle lease-read connection (one that holds no lease) back to the pool.
-    fn pool_put(&self, conn: MultiplexedConnection) {
+    fn pool_put(&self, conn: Conn) {
         let mut pool = self.blocking.lock();
         if pool.len() < BLOCKING_POOL_SIZE {
             pool.push(conn);
@@ -941,11 +995,7 @@ impl Inner {
     /// A command on the connection that holds a lease (so that nothing that happens to the main
     /// connection or the pool can end the lease first), with the op timeout. After an `Err` that is
     /// not a server reply, drop the connection: its state is unknown.
-    async fn lease_call<T: redis::FromRedisValue>(
-        &self,
-        conn: &mut MultiplexedConnection,
-        cmd: &redis::Cmd,
-    ) -> redis::RedisResult<T> {
+    async fn lease_call<T: redis::FromRedisValue>(&self, conn: &mut Conn, cmd: &redis::Cmd) -> redis::RedisResult<T> {
         let r = match tokio::time::timeout(self.cfg.op_timeout, cmd.query_async::<T>(conn)).await {
             Ok(r) => r,
             Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
@@ -958,7 +1008,7 @@ impl Inner {
     /// reply: the caller pools it, or keeps it in a [`Lease`] when the reply carries a token. Traced as
     /// `tiercache.lease_wait`, whose `status` is the reply's (`HIT`, `STALE`, `FILL`, `PASS`, `BUSY`)
     /// or `error`.
-    async fn lease_get(&self, full: &str) -> Option<(Vec<Value>, MultiplexedConnection)> {
+    async fn lease_get(&self, full: &str) -> Option<(Vec<Value>, Conn)> {
         let span = tracing::debug_span!("tiercache.lease_wait", key = full, status = Empty);
         let r = self.lease_get_untraced(full).instrument(span.clone()).await;
         if !span.is_disabled() {
@@ -970,24 +1020,18 @@ impl Inner {
         r
     }
 
-    async fn lease_get_untraced(&self, full: &str) -> Option<(Vec<Value>, MultiplexedConnection)> {
+    async fn lease_get_untraced(&self, full: &str) -> Option<(Vec<Value>, Conn)> {
         // Take the pooled connection before any await: the pool lock must not live across one.
         let pooled = self.blocking.lock().pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => {
-                let budget = self.cfg.wait_timeout + self.cfg.op_timeout;
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.cfg.op_timeout))
-                    .set_response_timeout(Some(budget));
-                match self.client.get_multiplexed_async_connection_with_config(&config).await {
-                    Ok(c) => c,
-                    Err(_) => {
-                        self.record(false);
-                        return None;
-                    }
+            None => match self.remote.blocking().await {
+                Ok(c) => c,
+                Err(_) => {
+                    self.record(false);
+                    return None;
                 }
-            }
+            },
         };
         let started = Instant::now();
         let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
@@ -1165,8 +1209,8 @@ impl Inner {
         }
     }
 
-    /// Applies one push from the main connection.
-    fn on_push(&self, kind: PushKind, data: Vec<Value>) {
+    /// Applies one push from an invalidation feed (the main connection, or a cluster master's feed).
+    fn on_push(&self, kind: PushKind, data: Vec<Value>, feed: &mut FeedState) {
         match kind {
             PushKind::Invalidate => {
                 metrics::bump(&self.metrics.invalidations_received);
@@ -1182,7 +1226,7 @@ impl Inner {
                     _ => {
                         // A null push: the tracked keys were flushed.
                         tracing::debug!(name: "tiercache.invalidation", keys = 0, reset = true, "tiercache: flush: L1 dropped");
-                        self.reset_l1();
+                        self.reset_feed(feed);
                     }
                 }
             }
@@ -1191,14 +1235,19 @@ impl Inner {
                 if channel != self.cfg.channel.as_bytes() {
                     return;
                 }
-                metrics::bump(&self.metrics.invalidations_received);
                 let Ok(msg) = rmp_serde::from_slice::<Message>(&payload) else {
+                    metrics::bump(&self.metrics.invalidations_received);
                     tracing::debug!(name: "tiercache.invalidation", tags = 0, reset = true, "tiercache: unreadable message: L1 dropped");
-                    self.reset_l1();
+                    self.reset_feed(feed);
                     return;
                 };
+                if feed.node.as_ref().is_some_and(|n| n.run_id != msg.run_id) {
+                    // Another cluster node's message, forwarded by the cluster bus: its own feed has it.
+                    return;
+                }
+                metrics::bump(&self.metrics.invalidations_received);
                 let gap = {
-                    let mut last = self.last_msg.lock();
+                    let last = &mut feed.last;
                     let gap = msg.v != 1 || last.as_ref().is_some_and(|(run, seq)| *run != msg.run_id || *seq + 1 != msg.seq);
                     *last = Some((msg.run_id.clone(), msg.seq));
                     gap
@@ -1211,7 +1260,7 @@ impl Inner {
                     "tiercache: invalidation message"
                 );
                 if gap || msg.reset {
-                    self.reset_l1();
+                    self.reset_feed(feed);
                 } else {
                     for t in &msg.tags {
                         self.drop_tag(&t.0);
@@ -1220,6 +1269,10 @@ impl Inner {
             }
             PushKind::Disconnection => {
                 // No more pushes: in-flight fills are void; the next call reconnects (which drops L1).
+                // A feed of an older link (replaced by a reconnect) ending says nothing about this one.
+                if feed.generation != self.remote.generation() {
+                    return;
+                }
                 self.tracking.store(false, SeqCst);
                 if let Ok(mut slot) = self.main.try_lock() {
                     *slot = None;
@@ -1230,8 +1283,18 @@ impl Inner {
     }
 }
 
-/// Applies pushes until the connection closes or the cache is dropped.
-fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>) {
+/// What a feed's listener remembers: the last message of its node (gap detection is per feed, so per
+/// node in a cluster), the node it listens to, and its link generation.
+struct FeedState {
+    last: Option<(String, u64)>,
+    node: Option<remote::NodeTag>,
+    generation: u64,
+}
+
+/// Applies a feed's pushes until its connection closes or the cache is dropped.
+fn spawn_listener(inner: std::sync::Weak<Inner>, feed: remote::Feed) {
+    let mut rx = feed.rx;
+    let mut state = FeedState { last: None, node: feed.node, generation: feed.generation };
     tokio::spawn(async move {
         while let Some(push) = rx.recv().await {
             let Some(inner) = inner.upgrade() else { return };
@@ -1239,8 +1302,31 @@ fn spawn_listener(inner: std::sync::Weak<Inner>, mut rx: tokio::sync::mpsc::Unbo
                 return;
             }
             let disconnected = push.kind == PushKind::Disconnection;
-            inner.on_push(push.kind, push.data);
+            inner.on_push(push.kind, push.data, &mut state);
             if disconnected {
+                return;
+            }
+        }
+    });
+}
+
+/// Cluster mode: polls the masters on the cluster connection; when they change (a failover, a master
+/// added or removed), the link is dropped as if lost, so the next call reconnects every feed and drops
+/// L1 (which entries were written where during the change cannot be told apart).
+fn spawn_topology_watch(weak: std::sync::Weak<Inner>, mut conn: Conn) {
+    let Some(inner) = weak.upgrade() else { return };
+    let (generation, period, op_timeout) = (inner.remote.generation(), inner.cfg.topology_check, inner.cfg.op_timeout);
+    drop(inner);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.closed.load(SeqCst) || inner.remote.generation() != generation {
+                return;
+            }
+            if let Ok(Ok(true)) = tokio::time::timeout(op_timeout, inner.remote.masters_changed(&mut conn)).await {
+                tracing::info!(name: "tiercache.topology", "tiercache: cluster masters changed; L1 dropped, feeds reconnect");
+                inner.lost_connection().await;
                 return;
             }
         }

@@ -28,11 +28,10 @@ use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Value};
+use redis::Value;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{bulk, encode, metrics, CacheValue, Error, Inner, Lease, Opts, TierCache};
+use crate::{bulk, encode, metrics, CacheValue, Conn, Error, Inner, Lease, Opts, TierCache};
 
 /// Streams per namespace for write-behind. Fixed, so that every client and worker agree on which
 /// stream a key's writes go to (a key's order is its stream's order).
@@ -245,15 +244,12 @@ impl TierCache {
 
 impl Inner {
     /// A connection for a lease of our own: an idle pooled one, or a new one.
-    async fn lease_conn(&self) -> Option<MultiplexedConnection> {
+    async fn lease_conn(&self) -> Option<Conn> {
         let pooled = self.blocking.lock().pop();
         if let Some(c) = pooled {
             return Some(c);
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.cfg.op_timeout))
-            .set_response_timeout(Some(self.cfg.op_timeout));
-        match self.client.get_multiplexed_async_connection_with_config(&config).await {
+        match self.remote.blocking().await {
             Ok(c) => Some(c),
             Err(_) => {
                 self.record(false);
