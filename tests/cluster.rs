@@ -486,6 +486,7 @@ fn failover_manual_and_by_kill() {
             assert_eq!(mc.int(&cmd!("WAIT", 1, 5000)), 1);
             let replica = c.replica_of(master);
             if kill {
+                c.allow_failover(replica);
                 c.node_mut(master).kill();
                 wait_master(c, replica, Duration::from_secs(30));
             } else {

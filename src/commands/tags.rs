@@ -125,14 +125,16 @@ pub fn tagkeys(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 2 {
         return reply::wrong_arity(ctx);
     }
-    let (mut count, mut local) = (100usize, false);
+    let (mut count, mut local, mut counted) = (100usize, false, false);
     let mut i = 2;
+    // Each option at most once, in any order.
     while i < args.len() {
         let opt = bytes(args[i]);
-        if opt.eq_ignore_ascii_case(b"LOCAL") {
+        if opt.eq_ignore_ascii_case(b"LOCAL") && !local {
             local = true;
             i += 1;
-        } else if opt.eq_ignore_ascii_case(b"COUNT") && i + 1 < args.len() {
+        } else if opt.eq_ignore_ascii_case(b"COUNT") && !counted && i + 1 < args.len() {
+            counted = true;
             count = match parse_i64(bytes(args[i + 1])) {
                 Some(n) if n > 0 => n as usize,
                 Some(_) => return reply::error(ctx, "ERR COUNT must be a positive integer"),

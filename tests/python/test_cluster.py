@@ -61,6 +61,8 @@ class Cluster:
                 "--appendonly", "no", "--logfile", str(d / "redis.log"), "--daemonize", "no",
                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "no",
+                # No automatic failover: a CPU-starved node missing the node timeout must not fail over.
+                "--cluster-replica-no-failover", "yes",
                 "--loadmodule", str(module_path()),
             ]
             self.nodes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))

@@ -46,6 +46,7 @@ def test_config_get_pattern_lists_all(r):
         "tiercache.reclaim-budget": b"1000",
         "tiercache.max-lease-ms": b"60000",
         "tiercache.max-wait-ms": b"60000",
+        "tiercache.cluster-timeout-ms": b"5000",
         "tiercache.invalidation-channel": b"tiercache:invalidations",
     }
 
@@ -229,3 +230,17 @@ def test_bad_loadmodule_args_refuse_to_load(start_server, module_args):
     code = srv.wait_exit(timeout=15)
     assert code is not None, f"redis-server kept running with module args {module_args}"
     assert code != 0
+
+
+def test_cluster_timeout_config_bounds(r):
+    name = "tiercache.cluster-timeout-ms"
+    try:
+        for v in (1, 300, 600000):
+            assert r.config_set(name, v)
+            assert config_get(r, name) == str(v).encode()
+        for bad in (0, -1, 600001, "5s", ""):
+            with pytest.raises(redis.ResponseError):
+                r.config_set(name, bad)
+            assert config_get(r, name) == b"600000", bad
+    finally:
+        r.config_set(name, 5000)

@@ -280,6 +280,11 @@ def test_tagkeys_errors(r):
         tc_tagkeys(r, b"t", "LIMIT", 5)
     with raises_exact("ERR syntax error"):
         tc_tagkeys(r, b"t", "COUNT", 5, "COUNT", 6)
+    with raises_exact("ERR syntax error"):
+        tc_tagkeys(r, b"t", "LOCAL", "LOCAL")
+    # LOCAL is an option (a no-op without a cluster), before or after COUNT.
+    assert tc_tagkeys(r, b"t", "LOCAL", "COUNT", 5) == [b"k"]
+    assert tc_tagkeys(r, b"t", "COUNT", 5, "LOCAL") == [b"k"]
 
 
 def test_tagcount_keeps_remaining_tags_until_reclaimed(r):
