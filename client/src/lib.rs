@@ -23,6 +23,9 @@
 //! never decompresses for this client.
 
 pub mod edge;
+mod error;
+mod flight;
+mod l1;
 mod metrics;
 mod remote;
 // The write paths (write-through, invalidations after commit, write-behind): client/src/write.rs.
@@ -42,6 +45,10 @@ use tiercache_core::lz4;
 use tracing::field::Empty;
 use tracing::Instrument;
 
+use l1::{Decoded, L1Data, L1Entry, Loaded};
+
+pub use error::Error;
+pub use l1::Cached;
 pub use metrics::{Metrics, Snapshot, OPENMETRICS_CONTENT_TYPE};
 /// The `prometheus-client` this crate encodes its metrics with (for [`TierCache::register_metrics`]).
 pub use prometheus_client;
@@ -49,29 +56,6 @@ pub use write::{
     write_behind_shard, write_behind_stream, Accepted, TxError, TxInvalidations, WriteOp, DEFAULT_IDEMPOTENCY_TTL,
     WRITE_BEHIND_SHARDS,
 };
-
-/// Why a call failed. Redis problems never surface here from `get_or_load`: it falls back to the loader.
-#[derive(Debug)]
-pub enum Error<E> {
-    /// The loader failed and no stale value could be served.
-    Load(E),
-    /// The value could not be encoded or decoded.
-    Codec(String),
-    /// A direct Redis call (`set`, `delete`, `invalidate_tags`) failed.
-    Redis(redis::RedisError),
-}
-
-impl<E: std::fmt::Display> std::fmt::Display for Error<E> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Error::Load(e) => write!(f, "loader failed: {e}"),
-            Error::Codec(e) => write!(f, "codec: {e}"),
-            Error::Redis(e) => write!(f, "redis: {e}"),
-        }
-    }
-}
-
-impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for Error<E> {}
 
 /// Per-call options of [`TierCache::get_or_load`] and [`TierCache::set`].
 #[derive(Debug, Clone, Default)]
@@ -82,6 +66,17 @@ pub struct Opts {
     pub stale: Option<Duration>,
     /// Tags to invalidate the entry by.
     pub tags: Vec<String>,
+    /// Neither read nor write this process's L1 on this call (Redis and the loader only).
+    pub skip_l1: bool,
+    /// Neither read nor write Redis on this call (L1 and the loader only, no lease).
+    pub skip_l2: bool,
+    /// Early refresh (XFetch) weight sent as the lease read's `BETA` (default: the builder's `beta`,
+    /// none). 1 is the usual value; a fresh entry is then refreshed by one caller, in the background,
+    /// with a probability that grows as its deadline nears.
+    pub beta: Option<f64>,
+    /// Longest the loader may run (default: the builder's `load_timeout`, none). Past it the loader is
+    /// dropped, its lease given back, and the call answers a stale copy or [`Error::LoadTimeout`].
+    pub load_timeout: Option<Duration>,
 }
 
 impl Opts {
@@ -97,6 +92,37 @@ impl Opts {
         self.tags.push(tag.into());
         self
     }
+    pub fn skip_l1(mut self) -> Self {
+        self.skip_l1 = true;
+        self
+    }
+    pub fn skip_l2(mut self) -> Self {
+        self.skip_l2 = true;
+        self
+    }
+    pub fn beta(mut self, beta: f64) -> Self {
+        self.beta = Some(beta);
+        self
+    }
+    pub fn load_timeout(mut self, d: Duration) -> Self {
+        self.load_timeout = Some(d);
+        self
+    }
+}
+
+/// How this client hears of changed keys (see [`Builder::tracking`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Tracking {
+    /// `CLIENT TRACKING ON BCAST PREFIX <namespace>`: a message for every write of the namespace, read
+    /// here or not; no server memory per key. Every read path fills L1.
+    #[default]
+    Broadcast,
+    /// `CLIENT TRACKING ON` without `BCAST`: messages only for keys this client read on its tracking
+    /// connection; the server remembers each (key, client) pair until the key changes. L1 takes only
+    /// values read on that connection (a plain `TIERCACHE.GET` first on each L1 miss), never a value
+    /// this client just wrote or loaded (its own write untracks the key, so the next read fetches it).
+    ReadKeys,
 }
 
 /// Configuration; see [`TierCache::builder`].
@@ -120,6 +146,9 @@ pub struct Builder {
     breaker_threshold: u32,
     breaker_cooldown: Duration,
     channel: String,
+    tracking_mode: Tracking,
+    beta: Option<f64>,
+    load_timeout: Option<Duration>,
 }
 
 impl Builder {
@@ -184,6 +213,21 @@ impl Builder {
         self
     }
 
+    /// How invalidations reach this client: [`Tracking::Broadcast`] (default) or [`Tracking::ReadKeys`].
+    pub fn tracking(mut self, mode: Tracking) -> Self {
+        self.tracking_mode = mode;
+        self
+    }
+    /// Default early-refresh weight of every lease read (see [`Opts::beta`]).
+    pub fn beta(mut self, beta: f64) -> Self {
+        self.beta = Some(beta);
+        self
+    }
+    /// Default loader timeout (see [`Opts::load_timeout`]).
+    pub fn load_timeout(mut self, d: Duration) -> Self {
+        self.load_timeout = Some(d);
+        self
+    }
     /// Talks to a Redis Cluster through any of its `nodes` (`redis://host:port` URLs): commands route by
     /// key, and each master's invalidations are listened to on a connection of its own.
     pub fn cluster<S: Into<String>>(mut self, nodes: impl IntoIterator<Item = S>) -> Self {
@@ -212,9 +256,18 @@ impl Builder {
 
     /// Connects (lazily if Redis is down: the cache then starts degraded and keeps trying).
     pub async fn build(self) -> Result<TierCache, redis::RedisError> {
+        if self.tracking_mode == Tracking::ReadKeys && matches!(self.target, remote::Target::Cluster(_)) {
+            // A read-key tracked value must be read on the feed that tracks it; a cluster read that is
+            // redirected (MOVED/ASK) lands on another connection, untracked. Refused rather than risked.
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "tiercache: Tracking::ReadKeys is not supported with Redis Cluster (use Tracking::Broadcast)",
+            )));
+        }
         let settings = remote::Settings {
             op_timeout: self.op_timeout,
             blocking_timeout: self.wait_timeout + self.op_timeout,
+            tracking: self.tracking_mode,
             #[cfg(feature = "tls")]
             tls_root_cert: self.tls_root_cert.clone(),
         };
@@ -231,7 +284,7 @@ impl Builder {
             epoch: AtomicU64::new(0),
             key_gens: (0..KEY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             tags: Mutex::new(HashMap::new()),
-            flights: Mutex::new(HashMap::new()),
+            flights: flight::Flights::default(),
             metrics: Metrics::default(),
             failures: AtomicU64::new(0),
             open_until: Mutex::new(None),
@@ -247,16 +300,6 @@ impl Builder {
 #[derive(Clone)]
 pub struct TierCache {
     inner: Arc<Inner>,
-}
-
-/// One L1 entry; cloned out of the cache on every hit, so it is one `Arc`.
-type L1Entry = Arc<L1Data>;
-
-struct L1Data {
-    bytes: Arc<[u8]>,
-    /// Deadline on the coarse clock ([`coarse_ms`]).
-    until: u64,
-    tags: Box<[(Arc<AtomicU64>, u64)]>,
 }
 
 /// Milliseconds since the first call, from a clock a background thread advances every millisecond:
@@ -310,7 +353,8 @@ struct L1Weigher;
 
 impl quick_cache::Weighter<String, L1Entry> for L1Weigher {
     fn weight(&self, key: &String, val: &L1Entry) -> u64 {
-        (key.len() + val.bytes.len() + 64) as u64
+        // The bytes, and about as much again for the decoded copy most entries get.
+        (key.len() + 2 * val.bytes.len() + 96) as u64
     }
 }
 
@@ -335,7 +379,7 @@ struct Inner {
     /// Tag -> generation, bumped when the tag is invalidated; L1 entries remember the generations.
     tags: Mutex<HashMap<String, Arc<AtomicU64>>>,
     /// Keys being loaded by this process.
-    flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    flights: flight::Flights,
     metrics: Metrics,
     failures: AtomicU64,
     open_until: Mutex<Option<Instant>>,
@@ -474,7 +518,20 @@ impl TierCache {
             breaker_threshold: 3,
             breaker_cooldown: Duration::from_secs(2),
             channel: "tiercache:invalidations".into(),
+            tracking_mode: Tracking::Broadcast,
+            beta: None,
+            load_timeout: None,
         }
+    }
+
+    /// Starts a configuration over an existing `redis::Client` (its address, database, credentials and
+    /// TLS settings). The cache opens its own connections from it: the tracking connection speaks RESP3
+    /// whatever the client's protocol, and each parked lease read needs a connection of its own, so a
+    /// shared `ConnectionManager` or multiplexed connection cannot serve in their place.
+    pub fn builder_with_client(client: redis::Client) -> Builder {
+        let mut b = Self::builder(String::new());
+        b.target = remote::Target::Client(client);
+        b
     }
 
     /// Starts a configuration for a Redis Cluster reached through any of `nodes` (`redis://host:port`);
@@ -519,17 +576,82 @@ impl TierCache {
 
     /// Reads `key` from L1, then Redis (no lease, no load). `None` on a miss or when Redis fails.
     pub async fn get<T: CacheValue>(&self, key: &str) -> Result<Option<T>, Error<std::convert::Infallible>> {
+        self.get_with(key, &Opts::default()).await
+    }
+
+    /// [`TierCache::get`] with per-call options ([`Opts::skip_l1`], [`Opts::skip_l2`]).
+    pub async fn get_with<T: CacheValue>(&self, key: &str, opts: &Opts) -> Result<Option<T>, Error<std::convert::Infallible>> {
         self.inner.resume_coherence().await;
-        if let Some(b) = self.inner.l1_get(key) {
-            return decode(&b).map(Some).map_err(Error::Codec);
+        if !opts.skip_l1 {
+            if let Some(e) = self.inner.l1_get(key) {
+                return decode(&e.bytes).map(Some).map_err(Error::Codec);
+            }
+        }
+        match self.get_l2(key, opts).await? {
+            Some(raw) => decode(&raw).map(Some).map_err(Error::Codec),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`TierCache::get`], as a shared `Arc<T>`: an L1 hit hands out the decoded value L1 keeps
+    /// (no MessagePack decode, no copy). The value's type must be the same on every read of the key for
+    /// that (a key read as two types decodes the second type on each hit).
+    #[inline]
+    pub async fn get_arc<T: CacheValue + Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Arc<T>>, Error<std::convert::Infallible>> {
+        self.inner.resume_coherence().await;
+        if let Some(e) = self.inner.l1_get(key) {
+            return e.value::<T>().map(Some).map_err(Error::Codec);
+        }
+        match self.get_l2(key, &Opts::default()).await? {
+            Some(raw) => decode(&raw).map(|v| Some(Arc::new(v))).map_err(Error::Codec),
+            None => Ok(None),
+        }
+    }
+
+    /// Like [`TierCache::get_arc`], as a [`Cached`] handle on L1's entry: the cheapest hit (one
+    /// reference count, as a raw `quick_cache` get of an `Arc<T>`).
+    #[inline]
+    pub async fn get_cached<T: CacheValue + Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Cached<T>>, Error<std::convert::Infallible>> {
+        self.inner.resume_coherence().await;
+        if let Some(e) = self.inner.l1_get(key) {
+            return Ok(Some(Self::cached_of(e)?));
+        }
+        match self.get_l2(key, &Opts::default()).await? {
+            Some(raw) => decode(&raw).map(|v| Some(Cached::detached(Arc::new(v), raw.into()))).map_err(Error::Codec),
+            None => Ok(None),
+        }
+    }
+
+    /// A hit as a [`Cached`]: over the entry when its decoded copy is a `T` (decoding it first if the
+    /// entry has none yet), else over a copy decoded for this call.
+    #[inline]
+    fn cached_of<T: CacheValue + Send + Sync + 'static, X>(e: L1Entry) -> Result<Cached<T>, Error<X>> {
+        if e.decoded.get().is_none() {
+            e.value::<T>().map_err(Error::Codec)?;
+        }
+        // Moved in, not cloned: a hit costs the one reference count quick_cache's get took.
+        match Cached::over(e) {
+            Ok(c) => Ok(c),
+            Err(e) => Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone())),
+        }
+    }
+
+    /// `TIERCACHE.GET key ENCODED` on the main connection: the value's bytes, `None` on a miss, when
+    /// Redis fails or with `skip_l2`.
+    async fn get_l2(&self, key: &str, opts: &Opts) -> Result<Option<Vec<u8>>, Error<std::convert::Infallible>> {
+        if opts.skip_l2 {
+            return Ok(None);
         }
         let full = self.redis_key(key);
         let reply: Option<Value> = self.inner.call(redis::cmd("TIERCACHE.GET").arg(&full).arg("ENCODED")).await.ok();
         match reply {
-            Some(Value::Array(v)) => {
-                let raw = self.inner.read_encoded(bulk(v.first()).as_deref(), bulk(v.get(1)))?;
-                decode(&raw).map(Some).map_err(Error::Codec)
-            }
+            Some(Value::Array(v)) => self.inner.read_encoded(bulk(v.first()).as_deref(), bulk(v.get(1))).map(Some),
             _ => Ok(None),
         }
     }
@@ -538,13 +660,92 @@ impl TierCache {
     pub async fn set<T: CacheValue>(&self, key: &str, value: &T, opts: &Opts) -> Result<(), Error<std::convert::Infallible>> {
         let full = self.redis_key(key);
         let raw = encode(value).map_err(Error::Codec)?;
-        let cmd = self.inner.set_cmd(&full, &raw, opts, None);
-        self.inner.call::<()>(&cmd).await.map_err(Error::Redis)?;
+        if !opts.skip_l2 {
+            let cmd = self.inner.set_cmd(&full, &raw, opts, None);
+            self.inner.call::<()>(&cmd).await.map_err(Error::Redis)?;
+        }
+        self.after_write(&full, raw, opts);
+        Ok(())
+    }
+
+    /// After a write of `full` on the main connection: L1 takes the new value.
+    fn after_write(&self, full: &str, raw: Vec<u8>, opts: &Opts) {
         // A read that reached Redis before this write may be about to put the old value in L1 (and
         // NOLOOP means no push for our own write): void it, then store the new value.
-        self.inner.drop_key(&full);
-        let ticket = self.inner.ticket(&full, opts);
-        self.inner.l1_put(&full, raw.into(), opts, ticket);
+        self.inner.drop_key(full);
+        let ticket = self.inner.ticket(full, opts);
+        if opts.skip_l2 {
+            // Nothing was written to Redis: nothing untracked either.
+            self.inner.l1_put(full, None, raw.into(), opts, ticket);
+        } else {
+            self.inner.l1_put_own_write(full, raw, opts, ticket);
+        }
+    }
+
+    /// Reads many keys: L1 first, then every miss in one pipelined round trip (`TIERCACHE.GET key
+    /// ENCODED` each). `None` for a miss; all the misses stay `None` when Redis fails.
+    pub async fn get_many<T: CacheValue>(&self, keys: &[&str]) -> Result<Vec<Option<T>>, Error<std::convert::Infallible>> {
+        let i = &self.inner;
+        i.resume_coherence().await;
+        let mut out: Vec<Option<T>> = keys.iter().map(|_| None).collect();
+        let mut misses = Vec::new();
+        for (n, k) in keys.iter().enumerate() {
+            match i.l1_get(k) {
+                Some(e) => out[n] = Some(decode(&e.bytes).map_err(Error::Codec)?),
+                None => misses.push((n, self.redis_key(k))),
+            }
+        }
+        if misses.is_empty() || i.circuit_open() {
+            return Ok(out);
+        }
+        let fulls: Vec<&str> = misses.iter().map(|(_, f)| f.as_str()).collect();
+        for batch in pipeline_batches(&fulls, i.remote.is_cluster()) {
+            let mut pipe = redis::pipe();
+            for &b in &batch {
+                pipe.cmd("TIERCACHE.GET").arg(fulls[b]).arg("ENCODED");
+            }
+            let Ok(replies) = i.call_pipe(&pipe).await else { continue };
+            for (&b, reply) in batch.iter().zip(replies) {
+                if let Value::Array(v) = reply {
+                    let raw = i.read_encoded(bulk(v.first()).as_deref(), bulk(v.get(1)))?;
+                    out[misses[b].0] = Some(decode(&raw).map_err(Error::Codec)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores many values with the same options in one pipelined round trip, then in L1. On an error
+    /// (the first one Redis answered) some of the values may be stored; none is left in L1.
+    pub async fn set_many<T: CacheValue>(
+        &self,
+        items: &[(&str, &T)],
+        opts: &Opts,
+    ) -> Result<(), Error<std::convert::Infallible>> {
+        let i = &self.inner;
+        let mut encoded = Vec::with_capacity(items.len());
+        for (k, v) in items {
+            encoded.push((self.redis_key(k), encode(*v).map_err(Error::Codec)?));
+        }
+        if !opts.skip_l2 && !encoded.is_empty() {
+            let fulls: Vec<&str> = encoded.iter().map(|(f, _)| f.as_str()).collect();
+            for batch in pipeline_batches(&fulls, i.remote.is_cluster()) {
+                let mut pipe = redis::pipe();
+                for &b in &batch {
+                    let (full, raw) = &encoded[b];
+                    pipe.add_command(i.set_cmd(full, raw, opts, None)).ignore();
+                }
+                if let Err(e) = i.call_pipe(&pipe).await {
+                    for (full, _) in &encoded {
+                        i.drop_key(full);
+                    }
+                    return Err(Error::Redis(e));
+                }
+            }
+        }
+        for (full, raw) in encoded {
+            self.after_write(&full, raw, opts);
+        }
         Ok(())
     }
 
@@ -588,51 +789,134 @@ impl TierCache {
     }
 
     /// Returns the cached value of `key`, or loads it once for the whole fleet: L1, then this process's
-    /// in-flight load of the same key, then Redis with a fill lease (waiting in Redis while another
-    /// client loads), then `loader`, whose value is stored in Redis and L1.
+    /// in-flight load of the same key (whose outcome, value or error, every caller that joined it
+    /// shares), then Redis with a fill lease (waiting in Redis while another client loads), then
+    /// `loader`, whose value is stored in Redis and L1.
     ///
-    /// A stale value (inside the entry's stale window) or an early-refresh election (XFetch) is returned
-    /// at once while this call refreshes the entry in the background, hence the `Send + 'static` bounds.
+    /// A stale value (inside the entry's stale window) or an early-refresh election (XFetch, with
+    /// [`Opts::beta`]) is returned at once while this call refreshes the entry in the background, hence
+    /// the `Send + 'static` bounds. Dropping the returned future (or [`Opts::load_timeout`]) drops the
+    /// loader and ends its lease at once: the next reader in the fleet takes it over.
     pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
     where
-        T: CacheValue + Send + 'static,
-        E: Send + 'static,
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
         i.resume_coherence().await;
-        if let Some(b) = i.l1_get(key) {
-            return decode(&b).map_err(Error::Codec);
-        }
-        let full = self.redis_key(key);
-        // Local single-flight: the first task loads, the others wait for it and read L1.
-        let flight = i.flights.lock().entry(full.clone()).or_default().clone();
-        let waited = flight.try_lock().is_err();
-        let _guard = flight.lock().await;
-        if waited {
-            metrics::bump(&i.metrics.coalesced_local);
-            if let Some(b) = i.l1_get(key) {
-                return decode(&b).map_err(Error::Codec);
+        if !opts.skip_l1 {
+            if let Some(e) = i.l1_get(key) {
+                return decode(&e.bytes).map_err(Error::Codec);
             }
         }
-        let out = self.load_through_redis(&full, opts, loader).await;
-        i.flights.lock().remove(&full);
-        out
+        self.load_shared(key, opts, loader).await?.into_owned().map_err(Error::Codec)
     }
 
-    async fn load_through_redis<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F) -> Result<T, Error<E>>
+    /// [`TierCache::get_or_load`] as a shared `Arc<T>`: an L1 hit hands out the decoded value L1 keeps,
+    /// with no MessagePack decode and no copy (see [`TierCache::get_arc`]).
+    #[inline]
+    pub async fn get_or_load_arc<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<Arc<T>, Error<E>>
     where
-        T: CacheValue + Send + 'static,
-        E: Send + 'static,
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let i = &self.inner;
+        i.resume_coherence().await;
+        if !opts.skip_l1 {
+            if let Some(e) = i.l1_get(key) {
+                return e.value::<T>().map_err(Error::Codec);
+            }
+        }
+        Ok(self.load_shared(key, opts, loader).await?.value)
+    }
+
+    /// [`TierCache::get_or_load`] as a [`Cached`] handle on L1's entry: the cheapest hit (one reference
+    /// count, as a raw `quick_cache` get of an `Arc<T>`).
+    #[inline]
+    pub async fn get_or_load_cached<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<Cached<T>, Error<E>>
+    where
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let i = &self.inner;
+        i.resume_coherence().await;
+        if !opts.skip_l1 {
+            if let Some(e) = i.l1_get(key) {
+                return Self::cached_of(e);
+            }
+        }
+        let loaded = self.load_shared(key, opts, loader).await?;
+        Ok(Cached::detached(loaded.value, loaded.bytes))
+    }
+
+    /// Local single-flight ([`flight`]): the first caller loads, the others share its outcome.
+    async fn load_shared<T, E, F, Fut>(&self, key: &str, opts: &Opts, loader: F) -> Result<Loaded<T>, Error<E>>
+    where
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let i = &self.inner;
+        let full = self.redis_key(key);
+        loop {
+            match i.flights.join(&full) {
+                flight::Role::Wait(slot) => {
+                    metrics::bump(&i.metrics.coalesced_local);
+                    match flight::wait(slot).await {
+                        Some(outcome) => match outcome.downcast_ref::<Result<Loaded<T>, Error<E>>>() {
+                            Some(r) => return r.clone(),
+                            // The same key loaded as another type: load for ourselves.
+                            None => return self.load_through_redis(&full, opts, loader).await,
+                        },
+                        // The leader was dropped (its caller went away): one of us leads now.
+                        None => continue,
+                    }
+                }
+                flight::Role::Lead(leader) => {
+                    let out = self.load_through_redis(&full, opts, loader).await;
+                    leader.publish(Arc::new(out.clone()));
+                    return out;
+                }
+            }
+        }
+    }
+
+    async fn load_through_redis<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F) -> Result<Loaded<T>, Error<E>>
+    where
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
         let epoch = i.ticket(full, opts);
+        if opts.skip_l2 {
+            return self.run_loader(full, opts, loader, None, epoch).await;
+        }
+        if i.cfg.tracking_mode == Tracking::ReadKeys && !opts.skip_l1 && !i.circuit_open() {
+            // Only a value read on the tracking connection may enter L1: read it there first.
+            let cmd = redis::cmd("TIERCACHE.GET").arg(full).arg("ENCODED").clone();
+            if let Ok(Value::Array(v)) = i.call::<Value>(&cmd).await {
+                if let Ok(raw) = i.read_encoded(bulk(v.first()).as_deref(), bulk(v.get(1))) {
+                    metrics::bump(&i.metrics.l2_hits);
+                    let value = Arc::new(decode::<T>(&raw).map_err(Error::Codec)?);
+                    let bytes: Arc<[u8]> = raw.into();
+                    i.l1_put(full, Some(Decoded::of(value.clone())), bytes.clone(), opts, epoch);
+                    return Ok(Loaded { value, bytes });
+                }
+            }
+        }
         // Reconnect the tracking connection first if it was lost: L2 values are only worth caching
         // in L1 with invalidations flowing.
-        let reply = if i.circuit_open() || i.main_conn().await.is_none() { None } else { i.lease_get(full).await };
+        let beta = opts.beta.or(i.cfg.beta);
+        let reply = if i.circuit_open() || i.main_conn().await.is_none() { None } else { i.lease_get(full, beta).await };
         let Some(reply) = reply else {
             // Redis is down or failing: load directly; L1 still serves what it has.
             metrics::bump(&i.metrics.degraded_loads);
@@ -652,7 +936,7 @@ impl TierCache {
         match (&status[..], value, lease) {
             (b"HIT", Some(raw), lease) => {
                 metrics::bump(&i.metrics.l2_hits);
-                let v: T = decode(&raw).map_err(Error::Codec)?;
+                let value = Arc::new(decode::<T>(&raw).map_err(Error::Codec)?);
                 if let Some(lease) = lease {
                     // Elected to refresh early (XFetch): serve now, refresh in the background.
                     self.refresh_in_background(full, opts, loader, lease);
@@ -662,17 +946,20 @@ impl TierCache {
                     Some(Value::Int(ms)) if *ms >= 0 => Some(Duration::from_millis(*ms as u64)),
                     _ => None,
                 };
-                i.l1_put_for(full, raw.into(), opts, epoch, server_ttl);
-                Ok(v)
+                let bytes: Arc<[u8]> = raw.into();
+                if i.lease_reads_fill_l1() {
+                    i.l1_put_for(full, Some(Decoded::of(value.clone())), bytes.clone(), opts, epoch, server_ttl);
+                }
+                Ok(Loaded { value, bytes })
             }
             (b"STALE", Some(raw), lease) => {
                 // Served stale (never put in L1); the one caller holding the token refreshes behind.
                 metrics::bump(&i.metrics.l2_stale);
-                let v: T = decode(&raw).map_err(Error::Codec)?;
+                let value = Arc::new(decode::<T>(&raw).map_err(Error::Codec)?);
                 if let Some(lease) = lease {
                     self.refresh_in_background(full, opts, loader, lease);
                 }
-                Ok(v)
+                Ok(Loaded { value, bytes: raw.into() })
             }
             (b"FILL", _, Some(lease)) => {
                 metrics::bump(&i.metrics.l2_misses);
@@ -694,8 +981,8 @@ impl TierCache {
 
     fn refresh_in_background<T, E, F, Fut>(&self, full: &str, opts: &Opts, loader: F, lease: Lease)
     where
-        T: CacheValue + Send + 'static,
-        E: Send + 'static,
+        T: CacheValue + Send + Sync + 'static,
+        E: Send + Sync + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
@@ -718,18 +1005,19 @@ impl TierCache {
         loader: F,
         lease: Option<Lease>,
         epoch: Ticket,
-    ) -> Result<T, Error<E>>
+    ) -> Result<Loaded<T>, Error<E>>
     where
-        T: CacheValue,
+        T: CacheValue + Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
         self.run_loader_inner(full, opts, loader, lease, epoch, LoadFor::Caller).await
     }
 
-    /// Runs `loader`; with a lease, then stores its value in Redis (`SET ... LEASE`) and L1, or gives
-    /// the lease back (on the lease's own connection) if it failed. Without one (Redis down, `BUSY`),
-    /// the value goes to L1 only, and after `PASS` ([`LoadFor::Passed`]) nowhere.
+    /// Runs `loader` (within its timeout, if any); with a lease, then stores its value in Redis
+    /// (`SET ... LEASE`) and L1, or gives the lease back (on the lease's own connection) if it failed or
+    /// timed out. Without one (Redis down, `BUSY`, `skip_l2`), the value goes to L1 only, and after
+    /// `PASS` ([`LoadFor::Passed`]) nowhere.
     async fn run_loader_inner<T, E, F, Fut>(
         &self,
         full: &str,
@@ -738,9 +1026,9 @@ impl TierCache {
         lease: Option<Lease>,
         epoch: Ticket,
         load_for: LoadFor,
-    ) -> Result<T, Error<E>>
+    ) -> Result<Loaded<T>, Error<E>>
     where
-        T: CacheValue,
+        T: CacheValue + Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
@@ -755,15 +1043,22 @@ impl TierCache {
             outcome = Empty,
         );
         let started = Instant::now();
-        let loaded = span.in_scope(loader).instrument(span.clone()).await;
+        let fut = span.in_scope(loader).instrument(span.clone());
+        let loaded = match opts.load_timeout.or(i.cfg.load_timeout) {
+            Some(limit) => match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r.map_err(|e| Error::Load(Arc::new(e))),
+                Err(_) => Err(Error::LoadTimeout(limit)),
+            },
+            None => fut.await.map_err(|e| Error::Load(Arc::new(e))),
+        };
         i.metrics.load_duration.observe(started.elapsed().as_secs_f64());
         let v = match loaded {
             Ok(v) => {
                 span.record("outcome", "ok");
-                v
+                Arc::new(v)
             }
-            Err(e) => {
-                span.record("outcome", "error");
+            Err(err) => {
+                span.record("outcome", if matches!(err, Error::LoadTimeout(_)) { "timeout" } else { "error" });
                 metrics::bump(&i.metrics.load_errors);
                 if let Some(mut lease) = lease {
                     let cmd = redis::cmd("TIERCACHE.RELEASE").arg(full).arg(&lease.token).clone();
@@ -775,41 +1070,44 @@ impl TierCache {
                     // A background refresh: the caller already has the stale value, which is the one
                     // fail-safe serve; nobody receives a value from here, so count nothing more.
                     metrics::bump(&i.metrics.fail_safe);
-                    return Err(Error::Load(e));
+                    return Err(err);
                 }
                 // Fail-safe: a copy past its L1 deadline, but never one a tag or key invalidation killed.
                 if let Some(stale) = i.l1_stale(full) {
-                    if let Ok(v) = decode(&stale) {
+                    if let Ok(value) = stale.value::<T>() {
                         span.record("outcome", "fail_safe");
                         metrics::bump(&i.metrics.fail_safe);
-                        return Ok(v);
+                        return Ok(Loaded { value, bytes: stale.bytes.clone() });
                     }
                 }
-                return Err(Error::Load(e));
+                return Err(err);
             }
         };
-        let raw = encode(&v).map_err(Error::Codec)?;
+        let bytes: Arc<[u8]> = encode(&*v).map_err(Error::Codec)?.into();
+        let out = Loaded { value: v, bytes };
         let Some(mut lease) = lease else {
             // Degraded or BUSY: keep L1 useful, but never past an invalidation seen meanwhile.
             if load_for != LoadFor::Passed {
-                i.l1_put(full, raw.into(), opts, epoch);
+                i.l1_put(full, Some(Decoded::of(out.value.clone())), out.bytes.clone(), opts, epoch);
             }
-            return Ok(v);
+            return Ok(out);
         };
         if i.circuit_open() {
             // Redis is failing: no fill. Dropping the lease's connection ends the lease.
-            return Ok(v);
+            return Ok(out);
         }
         // The fill goes on the main connection, whose tracking is NOLOOP: sent on the lease's own
         // connection, it would come back as an invalidation of the key and evict what L1 just took.
         // The lease's connection is kept open until the reply, so the lease cannot end first.
-        let cmd = i.set_cmd(full, &raw, opts, Some(&lease.token));
+        let cmd = i.set_cmd(full, &out.bytes, opts, Some(&lease.token));
         let fill = tracing::debug_span!(parent: &span, "tiercache.fill", key = full, outcome = Empty);
         match i.call_timed::<()>(&cmd, Some(&i.metrics.l2_fill)).instrument(fill.clone()).await {
             Ok(()) => {
                 fill.record("outcome", "stored");
                 i.pool_put(lease.conn);
-                i.l1_put(full, raw.into(), opts, epoch);
+                if i.lease_reads_fill_l1() {
+                    i.l1_put(full, Some(Decoded::of(out.value.clone())), out.bytes.clone(), opts, epoch);
+                }
             }
             Err(e) if e.code() == Some("FENCED") => {
                 // The lease is over (handed off or gone): the connection is free again.
@@ -839,7 +1137,7 @@ impl TierCache {
                 }
             }
         }
-        Ok(v)
+        Ok(out)
     }
 }
 
@@ -904,6 +1202,39 @@ impl Inner {
             self.lost_connection().await;
         }
         r
+    }
+
+    /// A pipeline on the main connection, in one round trip, with the op timeout (as [`Inner::call`]).
+    async fn call_pipe(self: &Arc<Self>, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<Value>> {
+        let Some(mut conn) = self.main_conn().await else {
+            self.record(false);
+            return Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis unreachable")));
+        };
+        let r = match tokio::time::timeout(self.cfg.op_timeout, pipe.query_async::<Vec<Value>>(&mut conn)).await {
+            Ok(r) => r,
+            Err(_) => Err(redis::RedisError::from((redis::ErrorKind::Io, "tiercache: Redis timed out"))),
+        };
+        let failed = matches!(&r, Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped());
+        self.record(!failed);
+        if failed {
+            self.lost_connection().await;
+        }
+        r
+    }
+
+    /// L1 takes the value this client just wrote, except with [`Tracking::ReadKeys`]: the write untracked
+    /// the key on the server, so nothing would tell of the next change (the next read fetches it).
+    fn l1_put_own_write(&self, full: &str, raw: Vec<u8>, opts: &Opts, ticket: Ticket) {
+        if self.cfg.tracking_mode == Tracking::ReadKeys {
+            return;
+        }
+        self.l1_put(full, None, raw.into(), opts, ticket);
+    }
+
+    /// Whether values read or filled through a lease connection may enter L1: with
+    /// [`Tracking::ReadKeys`] only the tracking connection's reads are tracked.
+    fn lease_reads_fill_l1(&self) -> bool {
+        self.cfg.tracking_mode == Tracking::Broadcast
     }
 
     /// The main connection, connecting (tracking + subscription + listener) when there is none.
@@ -1008,9 +1339,9 @@ impl Inner {
     /// reply: the caller pools it, or keeps it in a [`Lease`] when the reply carries a token. Traced as
     /// `tiercache.lease_wait`, whose `status` is the reply's (`HIT`, `STALE`, `FILL`, `PASS`, `BUSY`)
     /// or `error`.
-    async fn lease_get(&self, full: &str) -> Option<(Vec<Value>, Conn)> {
+    async fn lease_get(&self, full: &str, beta: Option<f64>) -> Option<(Vec<Value>, Conn)> {
         let span = tracing::debug_span!("tiercache.lease_wait", key = full, status = Empty);
-        let r = self.lease_get_untraced(full).instrument(span.clone()).await;
+        let r = self.lease_get_untraced(full, beta).instrument(span.clone()).await;
         if !span.is_disabled() {
             match r.as_ref().and_then(|(v, _)| bulk(v.first())) {
                 Some(status) => span.record("status", String::from_utf8_lossy(&status).as_ref()),
@@ -1020,7 +1351,7 @@ impl Inner {
         r
     }
 
-    async fn lease_get_untraced(&self, full: &str) -> Option<(Vec<Value>, Conn)> {
+    async fn lease_get_untraced(&self, full: &str, beta: Option<f64>) -> Option<(Vec<Value>, Conn)> {
         // Take the pooled connection before any await: the pool lock must not live across one.
         let pooled = self.blocking.lock().pop();
         let mut conn = match pooled {
@@ -1034,16 +1365,18 @@ impl Inner {
             },
         };
         let started = Instant::now();
-        let r: redis::RedisResult<Vec<Value>> = redis::cmd("TIERCACHE.GET")
-            .arg(full)
+        let mut cmd = redis::cmd("TIERCACHE.GET");
+        cmd.arg(full)
             .arg("ENCODED")
             .arg("WITHTTL")
             .arg("LEASE")
             .arg(self.cfg.lease_timeout.as_millis() as u64)
             .arg("WAIT")
-            .arg(self.cfg.wait_timeout.as_millis().max(1) as u64)
-            .query_async(&mut conn)
-            .await;
+            .arg(self.cfg.wait_timeout.as_millis().max(1) as u64);
+        if let Some(beta) = beta.filter(|b| b.is_finite() && *b > 0.0) {
+            cmd.arg("BETA").arg(beta);
+        }
+        let r: redis::RedisResult<Vec<Value>> = cmd.query_async(&mut conn).await;
         self.metrics.l2_lease_read.observe(started.elapsed().as_secs_f64());
         match r {
             Ok(v) => {
@@ -1160,7 +1493,8 @@ impl Inner {
     }
 
     /// L1 lookup by the caller's key.
-    fn l1_get(&self, key: &str) -> Option<Arc<[u8]>> {
+    #[inline]
+    fn l1_get(&self, key: &str) -> Option<L1Entry> {
         match self.l1.get(key) {
             Some(e) if !e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
                 // Invalidated through a tag: gone for good (not even for fail-safe).
@@ -1169,8 +1503,8 @@ impl Inner {
                 None
             }
             Some(e) if coarse_ms() < e.until => {
-                metrics::bump(&self.metrics.l1_hits);
-                Some(e.bytes.clone())
+                self.metrics.l1_hits_local.inc();
+                Some(e)
             }
             // Past its deadline: a miss, kept only as a fail-safe copy.
             _ => {
@@ -1181,17 +1515,28 @@ impl Inner {
     }
 
     /// A copy past its deadline but never invalidated, for fail-safe.
-    fn l1_stale(&self, full: &str) -> Option<Arc<[u8]>> {
-        self.l1.get(self.short(full)).filter(|e| e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v)).map(|e| e.bytes.clone())
+    fn l1_stale(&self, full: &str) -> Option<L1Entry> {
+        self.l1.get(self.short(full)).filter(|e| e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v))
     }
 
     /// Inserts unless the key, one of its tags or the whole cache was invalidated since `ticket`.
-    fn l1_put(&self, full: &str, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket) {
-        self.l1_put_for(full, bytes, opts, ticket, None)
+    fn l1_put(&self, full: &str, decoded: Option<Decoded>, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket) {
+        self.l1_put_for(full, decoded, bytes, opts, ticket, None)
     }
 
     /// Like `l1_put`, bounded also by the server's fresh time left when known.
-    fn l1_put_for(&self, full: &str, bytes: Arc<[u8]>, opts: &Opts, ticket: Ticket, server_ttl: Option<Duration>) {
+    fn l1_put_for(
+        &self,
+        full: &str,
+        decoded: Option<Decoded>,
+        bytes: Arc<[u8]>,
+        opts: &Opts,
+        ticket: Ticket,
+        server_ttl: Option<Duration>,
+    ) {
+        if opts.skip_l1 {
+            return;
+        }
         let mut ttl = opts.ttl.unwrap_or(self.cfg.default_ttl).min(self.cfg.l1_ttl);
         if let Some(s) = server_ttl {
             ttl = ttl.min(s);
@@ -1201,7 +1546,7 @@ impl Inner {
         }
         let key = self.short(full);
         let until = coarse_ms().saturating_add(ttl.as_millis() as u64);
-        let entry = Arc::new(L1Data { bytes, until, tags: ticket.tags.clone().into() });
+        let entry = Arc::new(L1Data::new(decoded, bytes, until, ticket.tags.clone().into()));
         self.l1.insert(key.to_owned(), entry);
         // An invalidation racing with the insert: undo it (the entry's own tag check covers tags).
         if !self.ticket_valid(&ticket) {
@@ -1354,4 +1699,49 @@ enum LoadFor {
     BackgroundRefresh,
     /// A caller answered `PASS`: the value is uncacheable, so it is kept nowhere, not even in L1.
     Passed,
+}
+
+/// Groups the keys of one pipelined call into the batches sent as one pipeline each. One server: every
+/// key in one batch (one round trip). Redis Cluster: one batch per hash slot (redis-rs refuses a
+/// pipeline whose commands cross slots, and one slot is one master), in the order of first appearance.
+fn pipeline_batches(fulls: &[&str], cluster: bool) -> Vec<Vec<usize>> {
+    if fulls.is_empty() {
+        return Vec::new();
+    }
+    if !cluster {
+        return vec![(0..fulls.len()).collect()];
+    }
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    let mut by_slot: HashMap<u16, usize> = HashMap::new();
+    for (n, full) in fulls.iter().enumerate() {
+        let slot = remote::key_slot(full.as_bytes());
+        let b = *by_slot.entry(slot).or_insert_with(|| {
+            batches.push(Vec::new());
+            batches.len() - 1
+        });
+        batches[b].push(n);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_batches_one_per_slot_in_cluster_mode() {
+        let keys = ["app:v1:a", "app:v1:b", "app:v1:{t}1", "app:v1:a", "app:v1:{t}2"];
+        assert_eq!(pipeline_batches(&keys, false), vec![vec![0, 1, 2, 3, 4]]);
+        let batches = pipeline_batches(&keys, true);
+        // Every index once, each batch a single slot, and the hash-tagged keys together.
+        let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, vec![0, 1, 2, 3, 4]);
+        for b in &batches {
+            assert!(b.iter().all(|&n| remote::key_slot(keys[n].as_bytes()) == remote::key_slot(keys[b[0]].as_bytes())));
+        }
+        assert!(batches.iter().any(|b| b == &vec![2, 4]));
+        assert!(batches.iter().any(|b| b == &vec![0, 3]));
+        assert!(pipeline_batches(&[], true).is_empty());
+    }
 }

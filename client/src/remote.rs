@@ -98,8 +98,14 @@ impl ConnectionLike for Conn {
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
     Standalone(String),
+    /// A `redis::Client` the application built (its address, database, credentials, TLS settings):
+    /// connected like a standalone server (`TierCache::builder_with_client`).
+    Client(redis::Client),
     Cluster(Vec<String>),
-    Sentinel { sentinels: Vec<String>, master: String },
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+    },
 }
 
 /// Connection settings shared by every kind of target.
@@ -108,6 +114,8 @@ pub(crate) struct Settings {
     pub op_timeout: Duration,
     /// Response timeout of a blocking lease read (wait timeout + op timeout).
     pub blocking_timeout: Duration,
+    /// How the feeds track keys (standalone / Sentinel; the cluster builder refuses `ReadKeys`).
+    pub tracking: crate::Tracking,
     /// PEM root certificate(s) to trust for `rediss://` instead of the system's (feature `tls`).
     #[cfg(feature = "tls")]
     pub tls_root_cert: Option<Vec<u8>>,
@@ -162,6 +170,7 @@ impl Remote {
         };
         match target {
             Target::Standalone(url) => *remote.server.lock() = Some(remote.open(url.as_str())?),
+            Target::Client(client) => *remote.server.lock() = Some(client),
             Target::Cluster(nodes) => {
                 let main = remote.cluster_client(&nodes, remote.settings.op_timeout)?;
                 let blocking = remote.cluster_client(&nodes, remote.settings.blocking_timeout)?;
@@ -245,7 +254,8 @@ impl Remote {
         Ok(Conn::Single(self.server(false).await?.get_multiplexed_async_connection_with_config(&config).await?))
     }
 
-    /// A RESP3 feed connection to `info`: tracks `prefix` (BCAST, NOLOOP) and subscribes to `channel`.
+    /// A RESP3 feed connection to `info`: tracks `prefix` (BCAST, NOLOOP) or, with
+    /// [`crate::Tracking::ReadKeys`], the keys read on it; and subscribes to `channel`.
     async fn feed(
         &self,
         info: ConnectionInfo,
@@ -259,16 +269,16 @@ impl Remote {
             .set_connection_timeout(Some(self.settings.op_timeout))
             .set_response_timeout(Some(self.settings.op_timeout));
         let mut conn = self.open(resp3)?.get_multiplexed_async_connection_with_config(&config).await?;
-        redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .arg("BCAST")
-            .arg("PREFIX")
-            .arg(prefix)
+        let mut tracking = redis::cmd("CLIENT");
+        tracking.arg("TRACKING").arg("ON");
+        match self.settings.tracking {
             // Our own writes go to L1 directly; hearing of them would only evict what we just stored.
-            .arg("NOLOOP")
-            .query_async::<()>(&mut conn)
-            .await?;
+            crate::Tracking::Broadcast => tracking.arg("BCAST").arg("PREFIX").arg(prefix).arg("NOLOOP"),
+            // No NOLOOP: the server forgets a key's readers when it is written, NOLOOP or not, so our own
+            // write must evict our copy too (nothing would tell us of the next change).
+            crate::Tracking::ReadKeys => &mut tracking,
+        };
+        tracking.query_async::<()>(&mut conn).await?;
         conn.subscribe(channel).await?;
         Ok((conn, rx))
     }

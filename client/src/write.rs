@@ -125,7 +125,7 @@ impl TierCache {
                         i.pool_put(lease.conn);
                     }
                 }
-                return Err(Error::Load(e));
+                return Err(Error::Load(std::sync::Arc::new(e)));
             }
         };
         i.drop_key(&full);
@@ -137,7 +137,7 @@ impl TierCache {
             match i.call::<()>(&cmd).await {
                 Ok(()) => {
                     i.pool_put(lease.conn);
-                    i.l1_put(&full, raw.into(), opts, ticket);
+                    i.l1_put_own_write(&full, raw, opts, ticket);
                     return Ok(out);
                 }
                 Err(e) => {
@@ -187,7 +187,7 @@ impl TierCache {
             // As in `set`: void a racing read, then keep the new value in L1.
             self.inner.drop_key(&full);
             let ticket = self.inner.ticket(&full, opts);
-            self.inner.l1_put(&full, raw.into(), opts, ticket);
+            self.inner.l1_put_own_write(&full, raw, opts, ticket);
         }
         Ok(accepted)
     }
@@ -446,6 +446,7 @@ fn redis_error(e: Error<std::convert::Infallible>) -> redis::RedisError {
     match e {
         Error::Redis(e) => e,
         Error::Codec(s) => redis::RedisError::from((redis::ErrorKind::Client, "codec", s)),
-        Error::Load(never) => match never {},
+        Error::Load(never) => match *never {},
+        other => redis::RedisError::from((redis::ErrorKind::Client, "tiercache", other.to_string())),
     }
 }

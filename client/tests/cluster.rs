@@ -111,6 +111,7 @@ async fn cluster_suite() {
     let mut cl = Cluster::start();
     let db = Db::default();
     reads_route_by_key(&cl, &db).await;
+    many_keys_across_slots(&cl).await;
     one_load_per_miss_across_instances(&cl).await;
     key_coherence_across_shards(&cl, &db).await;
     tag_messages_per_node_no_false_gaps(&cl, &db).await;
@@ -150,6 +151,27 @@ async fn reads_route_by_key(cl: &Cluster, db: &Db) {
     for (k, _) in &keys {
         db.put(k, &format!("v1-{k}"));
     }
+}
+
+/// `set_many`/`get_many` over keys of every master: one pipeline per slot (a pipeline across slots is
+/// refused by redis-rs with CROSSSLOT), each entry on its own master, all read back by a cache whose L1
+/// is empty (so every key goes through the pipelines); keys sharing a hash tag share a pipeline.
+async fn many_keys_across_slots(cl: &Cluster) {
+    let a = cache_ns(cl, "many").await;
+    let b = cache_ns(cl, "many").await;
+    let mut keys: Vec<String> = keys_by_master(cl, &a, 24).into_iter().map(|(k, _)| k).collect();
+    keys.extend((0..4).map(|i| format!("{{grp}}:{i}")));
+    let values: Vec<String> = keys.iter().map(|k| format!("many-{k}")).collect();
+    let items: Vec<(&str, &String)> = keys.iter().map(String::as_str).zip(&values).collect();
+    a.set_many(&items, &opts()).await.expect("set_many across slots");
+    for k in &keys {
+        let full = a.redis_key(k);
+        let m = cl.master_of_slot(0, slot(cl, &full));
+        assert!(cl.cli(m, &["TIERCACHE.META", &full]).contains("fresh"), "{full} on node {m}");
+    }
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let got: Vec<Option<String>> = b.get_many(&refs).await.expect("get_many across slots");
+    assert_eq!(got, values.iter().cloned().map(Some).collect::<Vec<_>>());
 }
 
 /// Four caches (separate connections, as separate processes would have) and eight readers each: one

@@ -514,11 +514,10 @@ async fn stampede_worker(url: &str) {
     }
     let m = c.metrics();
     say(format!(
-        "metrics loads={} runs={} coalesced_local={} coalesced_server={} l2_hits={} l2_misses={} l1_hits={}",
+        "metrics loads={} runs={} coalesced_local={} l2_hits={} l2_misses={} l1_hits={}",
         m.loads,
         runs.load(Ordering::SeqCst),
         m.coalesced_local,
-        m.coalesced_server,
         m.l2_hits,
         m.l2_misses,
         m.l1_hits

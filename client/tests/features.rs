@@ -117,7 +117,7 @@ async fn fail_safe_without_a_stale_value_returns_the_load_error() {
     let no_stale = Opts::default().ttl(Duration::from_millis(200));
     let mut failures = Vec::new();
     let mut check = |what: &str, r: Result<String, Error<String>>, msg: &str| match r {
-        Err(Error::Load(e)) if e == msg => println!("{what}: Error::Load({e:?}) as required"),
+        Err(Error::Load(e)) if *e == msg => println!("{what}: Error::Load({e:?}) as required"),
         other => failures.push(format!("{what}: expected Error::Load({msg:?}), got {other:?}")),
     };
 

@@ -13,7 +13,7 @@ use tiercache_client::{Opts, Snapshot, TierCache};
 
 /// Every counter and gauge with its HELP, as the hand-written exposition had them (and the Python
 /// client has them): a dashboard or alert built on one must not notice the move to prometheus-client.
-const COUNTERS: [(&str, &str); 16] = [
+const COUNTERS: [(&str, &str); 15] = [
     ("l1_hits", "Reads answered from the in-process cache."),
     ("l1_misses", "Reads the in-process cache could not answer."),
     ("l2_hits", "Reads answered fresh by Redis."),
@@ -22,7 +22,6 @@ const COUNTERS: [(&str, &str); 16] = [
     ("loads", "Loader calls."),
     ("load_errors", "Loader calls that failed."),
     ("coalesced_local", "Reads that waited for another task of this process loading the same key."),
-    ("coalesced_server", "Reads parked in Redis and answered by another client's fill."),
     ("fenced", "Fills refused by Redis because the key or a tag changed while loading."),
     (
         "fill_errors",
@@ -167,7 +166,6 @@ fn snapshot_values(s: &Snapshot) -> HashMap<&'static str, u64> {
         loads,
         load_errors,
         coalesced_local,
-        coalesced_server,
         fenced,
         fill_errors,
         fail_safe,
@@ -188,7 +186,6 @@ fn snapshot_values(s: &Snapshot) -> HashMap<&'static str, u64> {
         ("loads", loads),
         ("load_errors", load_errors),
         ("coalesced_local", coalesced_local),
-        ("coalesced_server", coalesced_server),
         ("fenced", fenced),
         ("fill_errors", fill_errors),
         ("fail_safe", fail_safe),

@@ -85,8 +85,13 @@ fn cli(port: u16, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The tests of this file run one at a time: two Sentinel setups side by side on this loaded machine made
+/// `SENTINEL FAILOVER` answer without `OK` in the failover test (each passes alone).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_the_master_through_a_failover() {
+    let _serial = SERIAL.lock().await;
     let master = Server::start();
     let replica = master.start_replica(Server::builder());
     let sentinel = Sentinel::start(master.port);
@@ -137,4 +142,40 @@ async fn follows_the_master_through_a_failover() {
     assert_eq!(loads.load(Ordering::SeqCst), 3, "the promoted replica serves the same entries: {:?}", c.metrics());
     c.set("d", &"after".to_string(), &Opts::default()).await.expect("set after the failover");
     assert!(cli(replica.port, &["TIERCACHE.GET", "sn:v1:d"]).contains("after"), "writes go to the new master");
+}
+
+/// `Tracking::ReadKeys` through Sentinel: the feed opened on the master the Sentinel names tracks the
+/// keys read on it (the server counts tracked keys, which BCAST never does), and another writer's
+/// change of such a key reaches this cache's L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_keys_tracking_through_sentinel() {
+    let _serial = SERIAL.lock().await;
+    let master = Server::start();
+    let _replica = master.start_replica(Server::builder());
+    let sentinel = Sentinel::start(master.port);
+    let r = TierCache::builder_sentinel([format!("redis://127.0.0.1:{}", sentinel.port)], "mymaster")
+        .namespace("rk")
+        .tracking(tiercache_client::Tracking::ReadKeys)
+        .build()
+        .await
+        .expect("sentinel cache");
+    let w = TierCache::builder(format!("redis://127.0.0.1:{}", master.port)).namespace("rk").build().await.expect("writer");
+    let o = Opts::default().ttl(Duration::from_secs(60));
+    w.set("k", &"v1".to_string(), &o).await.expect("set");
+    let none = || async { Err::<String, String>("no load".into()) };
+    assert_eq!(r.get_or_load("k", &o, none).await.expect("read"), "v1");
+    let hits = r.metrics().l1_hits;
+    assert_eq!(r.get_or_load("k", &o, none).await.expect("read"), "v1");
+    assert_eq!(r.metrics().l1_hits, hits + 1, "an L1 hit");
+    let info = master.conn().info("stats");
+    let tracked: i64 = common::info_field(&info, "tracking_total_keys").expect("tracking_total_keys").parse().expect("number");
+    assert!(tracked >= 1, "the master tracks the key read (no BCAST): {tracked}");
+    let heard = r.metrics().invalidations_received;
+    w.set("k", &"v2".to_string(), &o).await.expect("set");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while r.metrics().invalidations_received == heard {
+        assert!(Instant::now() < deadline, "the read key's invalidation did not arrive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(r.get_or_load("k", &o, none).await.expect("read"), "v2");
 }

@@ -23,7 +23,6 @@ COUNTERS: Tuple[Tuple[str, str], ...] = (
     ("loads", "Loader calls."),
     ("load_errors", "Loader calls that failed."),
     ("coalesced_local", "Reads that waited for another task of this process loading the same key."),
-    ("coalesced_server", "Reads parked in Redis and answered by another client's fill."),
     ("fenced", "Fills refused by Redis because the key or a tag changed while loading."),
     ("fill_errors", "Fills refused by Redis for another reason than fencing (OOM, too many tags...): the value is returned, not cached."),
     ("fail_safe", "Stale values served because the loader failed."),
@@ -59,7 +58,6 @@ class Metrics:
         self.loads = 0
         self.load_errors = 0
         self.coalesced_local = 0
-        self.coalesced_server = 0
         self.fenced = 0
         self.fill_errors = 0
         self.fail_safe = 0

@@ -489,9 +489,11 @@ async fn read(layer: &mut Layer, db: &Arc<Db>, shared: &Arc<Shared>, user: i32) 
                 )
                 .await
                 .map_err(|e| match e {
-                    tiercache_client::Error::Load(e) => ReadError::Db(e),
+                    // Shared with the callers coalesced on the same load.
+                    tiercache_client::Error::Load(e) => ReadError::Cache(format!("postgres: {e}")),
                     tiercache_client::Error::Codec(e) => ReadError::Cache(e),
                     tiercache_client::Error::Redis(e) => ReadError::Redis(e),
+                    e => ReadError::Cache(e.to_string()),
                 })
         }
     }
