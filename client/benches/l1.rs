@@ -8,7 +8,9 @@
 //!   `libtiercache.so` of target/debug or target/release (`cargo build` first), and is skipped with a
 //!   message when redis-server (`REDIS_SERVER`, else PATH) or the module is missing. After the
 //!   timings it prints
-//!   the hit-cost ratios from a timing loop of its own (criterion does not hand its estimates back).
+//!   the hit-cost ratios from a timing loop of its own (criterion does not hand its estimates back);
+//!   `L1_BENCH_RATIOS_ONLY=1` prints only those (no criterion timings), `L1_BENCH_HITS_ONLY=1` skips
+//!   the Zipf part.
 //! - `zipf/*`: replaying seeded Zipf traces (s = 0.8 and 1.0 over 100,000 keys of 64 to 2,000 bytes,
 //!   cache = 1 % of all the keys' bytes), each also with scan traffic (half of the requests one-off
 //!   keys, interleaved), through quick_cache, a plain byte-weighted LRU and the best static choice.
@@ -251,20 +253,22 @@ where
     };
 
     let before = cache.metrics();
+    // L1_BENCH_RATIOS_ONLY=1: the ratio lines only (our own timing loops), without criterion's timings.
+    let criterion_timings = std::env::var_os("L1_BENCH_RATIOS_ONLY").is_none();
     let mut g = c.benchmark_group(format!("l1_hit/{name}"));
     g.throughput(Throughput::Elements(1));
-    g.bench_function("tiercache_get_or_load", |b| b.iter_custom(tiercache_loop));
-    g.bench_function("quick_cache_get", |b| b.iter_custom(raw_loop));
-    g.bench_function("tiercache_get_or_load_arc", |b| b.iter_custom(arc_loop));
-    g.bench_function("tiercache_get_arc", |b| b.iter_custom(get_arc_loop));
-    g.bench_function("tiercache_get_or_load_cached", |b| b.iter_custom(cached_loop));
-    g.bench_function("quick_cache_get_arc", |b| b.iter_custom(raw_arc_loop));
-    g.bench_function("quick_cache_get_bytes_and_decode", |b| b.iter_custom(raw_decode_loop));
-    g.bench_function("quick_cache_get_bytes", |b| b.iter_custom(raw_bytes_loop));
-    g.bench_function("rwlock_hashmap_get_bytes", |b| b.iter_custom(map_loop));
+    if criterion_timings {
+        g.bench_function("tiercache_get_or_load", |b| b.iter_custom(tiercache_loop));
+        g.bench_function("quick_cache_get", |b| b.iter_custom(raw_loop));
+        g.bench_function("tiercache_get_or_load_arc", |b| b.iter_custom(arc_loop));
+        g.bench_function("tiercache_get_arc", |b| b.iter_custom(get_arc_loop));
+        g.bench_function("tiercache_get_or_load_cached", |b| b.iter_custom(cached_loop));
+        g.bench_function("quick_cache_get_arc", |b| b.iter_custom(raw_arc_loop));
+        g.bench_function("quick_cache_get_bytes_and_decode", |b| b.iter_custom(raw_decode_loop));
+        g.bench_function("quick_cache_get_bytes", |b| b.iter_custom(raw_bytes_loop));
+        g.bench_function("rwlock_hashmap_get_bytes", |b| b.iter_custom(map_loop));
+    }
     g.finish();
-    let after = cache.metrics();
-    assert_eq!(after.l1_misses, before.l1_misses, "every timed read was an L1 hit");
 
     let n = 200_000;
     let t = best_ns(5, n, tiercache_loop);
@@ -303,6 +307,8 @@ where
         m / rb,
         t / m,
     );
+    let after = cache.metrics();
+    assert_eq!(after.l1_misses, before.l1_misses, "every timed read was an L1 hit");
 }
 
 fn l1_hit(c: &mut Criterion) {

@@ -33,7 +33,7 @@ mod write;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Acquire, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -282,6 +282,7 @@ impl Builder {
             blocking: Mutex::new(Vec::new()),
             l1,
             epoch: AtomicU64::new(0),
+            tag_epoch: AtomicU64::new(0),
             key_gens: (0..KEY_BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             tags: Mutex::new(HashMap::new()),
             flights: flight::Flights::default(),
@@ -374,6 +375,8 @@ struct Inner {
     l1: quick_cache::sync::Cache<String, L1Entry, L1Weigher>,
     /// Bumped when L1 is dropped whole (gap, reset, lost connection).
     epoch: AtomicU64,
+    /// Bumped after every tag generation bump: an L1 entry checked at this epoch needs no tag check.
+    tag_epoch: AtomicU64,
     /// Bumped when a key of the bucket is invalidated.
     key_gens: Box<[AtomicU64]>,
     /// Tag -> generation, bumped when the tag is invalidated; L1 entries remember the generations.
@@ -581,7 +584,9 @@ impl TierCache {
 
     /// [`TierCache::get`] with per-call options ([`Opts::skip_l1`], [`Opts::skip_l2`]).
     pub async fn get_with<T: CacheValue>(&self, key: &str, opts: &Opts) -> Result<Option<T>, Error<std::convert::Infallible>> {
-        self.inner.resume_coherence().await;
+        if !self.inner.tracking.load(Relaxed) {
+            self.inner.resume_coherence().await;
+        }
         if !opts.skip_l1 {
             if let Some(e) = self.inner.l1_get(key) {
                 return decode(&e.bytes).map(Some).map_err(Error::Codec);
@@ -601,7 +606,9 @@ impl TierCache {
         &self,
         key: &str,
     ) -> Result<Option<Arc<T>>, Error<std::convert::Infallible>> {
-        self.inner.resume_coherence().await;
+        if !self.inner.tracking.load(Relaxed) {
+            self.inner.resume_coherence().await;
+        }
         if let Some(e) = self.inner.l1_get(key) {
             return e.value::<T>().map(Some).map_err(Error::Codec);
         }
@@ -618,7 +625,9 @@ impl TierCache {
         &self,
         key: &str,
     ) -> Result<Option<Cached<T>>, Error<std::convert::Infallible>> {
-        self.inner.resume_coherence().await;
+        if !self.inner.tracking.load(Relaxed) {
+            self.inner.resume_coherence().await;
+        }
         if let Some(e) = self.inner.l1_get(key) {
             return Ok(Some(Self::cached_of(e)?));
         }
@@ -630,16 +639,28 @@ impl TierCache {
 
     /// A hit as a [`Cached`]: over the entry when its decoded copy is a `T` (decoding it first if the
     /// entry has none yet), else over a copy decoded for this call.
-    #[inline]
+    #[inline(always)]
     fn cached_of<T: CacheValue + Send + Sync + 'static, X>(e: L1Entry) -> Result<Cached<T>, Error<X>> {
-        if e.decoded.get().is_none() {
-            e.value::<T>().map_err(Error::Codec)?;
-        }
         // Moved in, not cloned: a hit costs the one reference count quick_cache's get took.
         match Cached::over(e) {
             Ok(c) => Ok(c),
-            Err(e) => Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone())),
+            Err(e) => Self::cached_decoding(e),
         }
+    }
+
+    /// `cached_of` of an entry not yet decoded as a `T`.
+    #[inline(never)]
+    fn cached_decoding<T: CacheValue + Send + Sync + 'static, X>(e: L1Entry) -> Result<Cached<T>, Error<X>> {
+        let e = if e.decoded.get().is_none() {
+            e.value::<T>().map_err(Error::Codec)?;
+            match Cached::over(e) {
+                Ok(c) => return Ok(c),
+                Err(e) => e,
+            }
+        } else {
+            e
+        };
+        Ok(Cached::detached(e.value::<T>().map_err(Error::Codec)?, e.bytes.clone()))
     }
 
     /// `TIERCACHE.GET key ENCODED` on the main connection: the value's bytes, `None` on a miss, when
@@ -662,7 +683,7 @@ impl TierCache {
         let raw = encode(value).map_err(Error::Codec)?;
         if !opts.skip_l2 {
             let cmd = self.inner.set_cmd(&full, &raw, opts, None);
-            self.inner.call::<()>(&cmd).await.map_err(Error::Redis)?;
+            self.inner.call::<()>(&cmd).await.map_err(Error::from)?;
         }
         self.after_write(&full, raw, opts);
         Ok(())
@@ -686,7 +707,9 @@ impl TierCache {
     /// ENCODED` each). `None` for a miss; all the misses stay `None` when Redis fails.
     pub async fn get_many<T: CacheValue>(&self, keys: &[&str]) -> Result<Vec<Option<T>>, Error<std::convert::Infallible>> {
         let i = &self.inner;
-        i.resume_coherence().await;
+        if !i.tracking.load(Relaxed) {
+            i.resume_coherence().await;
+        }
         let mut out: Vec<Option<T>> = keys.iter().map(|_| None).collect();
         let mut misses = Vec::new();
         for (n, k) in keys.iter().enumerate() {
@@ -739,7 +762,7 @@ impl TierCache {
                     for (full, _) in &encoded {
                         i.drop_key(full);
                     }
-                    return Err(Error::Redis(e));
+                    return Err(Error::from(e));
                 }
             }
         }
@@ -759,7 +782,7 @@ impl TierCache {
         // Again after the reply: a read that began between the first drop and the delete reached Redis
         // before it and may have put the old value back (NOLOOP: no push will come for our own write).
         self.inner.drop_key(&full);
-        r.map_err(Error::Redis)?;
+        r.map_err(Error::from)?;
         Ok(())
     }
 
@@ -779,7 +802,7 @@ impl TierCache {
         for t in tags {
             self.inner.drop_tag(t.as_bytes());
         }
-        r.map_err(Error::Redis)
+        r.map_err(Error::from)
     }
 
     /// Drops every entry of this namespace and schema version (O(1) on the server: the namespace tag).
@@ -805,7 +828,9 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
-        i.resume_coherence().await;
+        if !i.tracking.load(Relaxed) {
+            i.resume_coherence().await;
+        }
         if !opts.skip_l1 {
             if let Some(e) = i.l1_get(key) {
                 return decode(&e.bytes).map_err(Error::Codec);
@@ -825,7 +850,9 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
-        i.resume_coherence().await;
+        if !i.tracking.load(Relaxed) {
+            i.resume_coherence().await;
+        }
         if !opts.skip_l1 {
             if let Some(e) = i.l1_get(key) {
                 return e.value::<T>().map_err(Error::Codec);
@@ -845,7 +872,9 @@ impl TierCache {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         let i = &self.inner;
-        i.resume_coherence().await;
+        if !i.tracking.load(Relaxed) {
+            i.resume_coherence().await;
+        }
         if !opts.skip_l1 {
             if let Some(e) = i.l1_get(key) {
                 return Self::cached_of(e);
@@ -1274,13 +1303,12 @@ impl Inner {
         }
     }
 
-    /// While invalidations are not flowing, every read first tries to reconnect (at most once per
-    /// breaker cooldown while Redis stays down): a success drops L1, so nothing cached while Redis was
-    /// away outlives the outage. One atomic load when all is well.
+    /// While invalidations are not flowing (`tracking` false, checked inline by every read: one atomic
+    /// load when all is well), every read first tries to reconnect (at most once per breaker cooldown
+    /// while Redis stays down): a success drops L1, so nothing cached while Redis was away outlives the
+    /// outage.
     async fn resume_coherence(self: &Arc<Self>) {
-        if !self.tracking.load(Relaxed) {
-            let _ = self.main_conn().await;
-        }
+        let _ = self.main_conn().await;
     }
 
     /// The tracking connection is gone: L1 keeps serving what it has and what is loaded meanwhile
@@ -1445,6 +1473,8 @@ impl Inner {
 
     fn drop_tag(&self, tag: &[u8]) {
         self.tag_gen(tag).fetch_add(1, SeqCst);
+        // After the generation: a hit that still sees the old epoch is one racing this invalidation.
+        self.tag_epoch.fetch_add(1, SeqCst);
     }
 
     /// The key's generation bucket: FNV-1a, a fixed hash so that every call agrees.
@@ -1492,26 +1522,34 @@ impl Inner {
         self.l1.remove(self.short(full));
     }
 
-    /// L1 lookup by the caller's key.
-    #[inline]
+    /// L1 lookup by the caller's key: the whole hit path. The entry's tags are checked only when a tag
+    /// was invalidated (anywhere) since they were last found current; then the deadline on the coarse
+    /// clock, then the per-thread hit count.
+    #[inline(always)]
     fn l1_get(&self, key: &str) -> Option<L1Entry> {
-        match self.l1.get(key) {
-            Some(e) if !e.tags.iter().all(|(g, v)| g.load(Relaxed) == *v) => {
-                // Invalidated through a tag: gone for good (not even for fail-safe).
-                self.l1.remove(key);
-                metrics::bump(&self.metrics.l1_misses);
-                None
-            }
-            Some(e) if coarse_ms() < e.until => {
+        if let Some(e) = self.l1.get(key) {
+            let epoch = self.tag_epoch.load(Acquire);
+            if (e.checked.load(Relaxed) == epoch || self.tags_current(key, &e, epoch)) && coarse_ms() < e.until {
                 self.metrics.l1_hits_local.inc();
-                Some(e)
-            }
-            // Past its deadline: a miss, kept only as a fail-safe copy.
-            _ => {
-                metrics::bump(&self.metrics.l1_misses);
-                None
+                return Some(e);
             }
         }
+        // Missing, invalidated, or past its deadline (then kept only as a fail-safe copy).
+        metrics::bump(&self.metrics.l1_misses);
+        None
+    }
+
+    /// Whether the entry's tag generations are still those it was stored with (remembered for `epoch`,
+    /// read before them); if not it was invalidated through a tag, and goes for good (not even kept
+    /// for fail-safe).
+    #[inline(never)]
+    fn tags_current(&self, key: &str, e: &L1Data, epoch: u64) -> bool {
+        if e.tags.iter().all(|(g, v)| g.load(SeqCst) == *v) {
+            e.checked.store(epoch, Relaxed);
+            return true;
+        }
+        self.l1.remove(key);
+        false
     }
 
     /// A copy past its deadline but never invalidated, for fail-safe.
@@ -1743,5 +1781,31 @@ mod tests {
         assert!(batches.iter().any(|b| b == &vec![2, 4]));
         assert!(batches.iter().any(|b| b == &vec![0, 3]));
         assert!(pipeline_batches(&[], true).is_empty());
+    }
+
+    /// The hit path skips the per-tag checks while no tag was invalidated since the entry last passed
+    /// them: a tag invalidated after the entry was served must still make the next read a miss (and an
+    /// entry under another tag stays a hit). In-process only: no Redis (an unused port), so L1 is the
+    /// only tier and nothing but the tag generations can drop the entries.
+    #[tokio::test]
+    async fn a_tag_invalidated_after_hits_drops_the_entry() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cache = TierCache::builder(format!("redis://127.0.0.1:{port}/")).namespace("u").build().await.unwrap();
+        let i = &cache.inner;
+        let put = |key: &str, tag: &str| {
+            let opts = Opts::default().ttl(Duration::from_secs(60)).tag(tag);
+            let full = cache.redis_key(key);
+            i.l1_put(&full, None, Arc::from(&b"\x01"[..]), &opts, i.ticket(&full, &opts));
+        };
+        put("k", "grp");
+        put("apart", "other");
+        for _ in 0..3 {
+            assert!(i.l1_get("k").is_some() && i.l1_get("apart").is_some(), "served from L1, tags checked once");
+        }
+        i.drop_tag(b"grp");
+        assert!(i.l1_get("k").is_none(), "the entry of the invalidated tag is gone");
+        assert!(i.l1_get("apart").is_some(), "the other tag's entry stays");
+        put("k", "grp");
+        assert!(i.l1_get("k").is_some(), "a new entry under the tag's new generation is a hit");
     }
 }

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
@@ -168,6 +168,9 @@ static NEXT_LOCAL_COUNTER: AtomicUsize = AtomicUsize::new(0);
 thread_local! {
     /// This thread's slot of each [`LocalCounter`], by the counter's id.
     static LOCAL_SLOTS: RefCell<Vec<Option<Arc<AtomicU64>>>> = const { RefCell::new(Vec::new()) };
+    /// The slot this thread bumped last, with its counter's id: one thread-local read on the hot path
+    /// (no destructor, so no lazy registration) instead of the borrow and index of `LOCAL_SLOTS`.
+    static LAST_SLOT: Cell<(usize, *const AtomicU64)> = const { Cell::new((usize::MAX, std::ptr::null())) };
 }
 
 /// A counter bumped without an atomic read-modify-write: each thread adds to a slot of its own with a
@@ -196,10 +199,25 @@ impl Default for LocalCounter {
 impl LocalCounter {
     #[inline]
     pub(crate) fn inc(&self) {
+        let (id, slot) = LAST_SLOT.try_with(Cell::get).unwrap_or((usize::MAX, std::ptr::null()));
+        if id == self.id {
+            // SAFETY: `slot` came from an `Arc<AtomicU64>` that the counter with this id keeps in
+            // `self.slots` until it is dropped; ids are never reused, and `self` (that counter) is alive
+            // here, so the atomic is too.
+            let slot = unsafe { &*slot };
+            slot.store(slot.load(Relaxed) + 1, Relaxed);
+            return;
+        }
+        self.inc_other();
+    }
+
+    /// Not the counter this thread bumped last: its slot from `LOCAL_SLOTS` (remembered as the last).
+    fn inc_other(&self) {
         let done = LOCAL_SLOTS
             .try_with(|slots| match slots.try_borrow().ok().as_deref().and_then(|s| s.get(self.id)) {
                 Some(Some(slot)) => {
                     slot.store(slot.load(Relaxed) + 1, Relaxed);
+                    let _ = LAST_SLOT.try_with(|l| l.set((self.id, Arc::as_ptr(slot))));
                     true
                 }
                 _ => false,
@@ -266,5 +284,17 @@ mod local_counter_tests {
         let other = LocalCounter::default();
         other.inc();
         assert_eq!((c.get(), other.get()), (40_001, 1), "counters are apart");
+        // Taking turns on one thread: each bump lands on its own counter (the last-slot cache switches).
+        for _ in 0..3 {
+            c.inc();
+            other.inc();
+            other.inc();
+        }
+        assert_eq!((c.get(), other.get()), (40_004, 7));
+        drop(other);
+        let third = LocalCounter::default();
+        third.inc();
+        c.inc();
+        assert_eq!((c.get(), third.get()), (40_005, 1));
     }
 }

@@ -235,7 +235,7 @@ impl TierCache {
                 cmd.arg(b);
             }
         }
-        let reply: Vec<Value> = self.inner.call(&cmd).await.map_err(Error::Redis)?;
+        let reply: Vec<Value> = self.inner.call(&cmd).await.map_err(Error::from)?;
         let new = matches!(reply.first(), Some(Value::Int(1)));
         let stream_id = bulk(reply.get(1)).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         Ok(Accepted { stream_id, new })
@@ -444,7 +444,7 @@ async fn apply_invalidations(cache: &TierCache, keys: &[String], tags: &[String]
 
 fn redis_error(e: Error<std::convert::Infallible>) -> redis::RedisError {
     match e {
-        Error::Redis(e) => e,
+        Error::Redis(e) => *e,
         Error::Codec(s) => redis::RedisError::from((redis::ErrorKind::Client, "codec", s)),
         Error::Load(never) => match *never {},
         other => redis::RedisError::from((redis::ErrorKind::Client, "tiercache", other.to_string())),

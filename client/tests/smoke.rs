@@ -107,3 +107,43 @@ async fn messagepack_by_default_raw_bytes_verbatim() {
     assert_eq!(loaded.0, b"xyz");
     assert_eq!(conn.bytes(redis::cmd("TIERCACHE.GET").arg(c.redis_key("r2"))).unwrap(), b"xyz");
 }
+
+/// A tag invalidated from another instance drops an L1 entry that was already served from L1 (its tags
+/// found current once, and not checked again until some tag is invalidated), and one that was not;
+/// an entry under another tag stays an L1 hit. (The server's reclaim of invalidated entries also
+/// deletes the keys within milliseconds, so the key pushes race the tag message here; the unit test
+/// `a_tag_invalidated_after_hits_drops_the_entry` checks the tag path alone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_invalidation_drops_l1_entries_already_served() {
+    let server = common::Server::start();
+    let url = format!("redis://127.0.0.1:{}/", server.port);
+    let a = TierCache::builder(&url).namespace("tt").build().await.unwrap();
+    let b = TierCache::builder(&url).namespace("tt").build().await.unwrap();
+    let load = |v: &'static str| move || async move { Ok::<_, std::io::Error>(v.to_string()) };
+    let grp = Opts::default().ttl(Duration::from_secs(60)).tag("grp");
+    let other = Opts::default().ttl(Duration::from_secs(60)).tag("other");
+    assert_eq!(a.get_or_load("hit", &grp, load("one")).await.unwrap(), "one");
+    assert_eq!(a.get_or_load("cold", &grp, load("one")).await.unwrap(), "one");
+    assert_eq!(a.get_or_load("apart", &other, load("one")).await.unwrap(), "one");
+    let hits = a.metrics().l1_hits;
+    for _ in 0..3 {
+        assert_eq!(a.get_or_load("hit", &grp, load("two")).await.unwrap(), "one");
+        assert_eq!(a.get_or_load("apart", &other, load("two")).await.unwrap(), "one");
+    }
+    assert_eq!(a.metrics().l1_hits, hits + 6, "served from L1 before the invalidation");
+
+    b.invalidate_tags(&["grp"]).await.unwrap();
+    let mut seen = (String::new(), String::new());
+    for _ in 0..200 {
+        seen.0 = a.get_or_load("hit", &grp, load("two")).await.unwrap();
+        if seen.0 == "two" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seen.1 = a.get_or_load("cold", &grp, load("two")).await.unwrap();
+    assert_eq!(seen, ("two".to_string(), "two".to_string()), "both entries of the invalidated tag reloaded");
+    let hits = a.metrics().l1_hits;
+    assert_eq!(a.get_or_load("apart", &other, load("three")).await.unwrap(), "one", "the other tag's entry stays");
+    assert_eq!(a.metrics().l1_hits, hits + 1, "and is still an L1 hit");
+}

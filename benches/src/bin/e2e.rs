@@ -492,7 +492,7 @@ async fn read(layer: &mut Layer, db: &Arc<Db>, shared: &Arc<Shared>, user: i32) 
                     // Shared with the callers coalesced on the same load.
                     tiercache_client::Error::Load(e) => ReadError::Cache(format!("postgres: {e}")),
                     tiercache_client::Error::Codec(e) => ReadError::Cache(e),
-                    tiercache_client::Error::Redis(e) => ReadError::Redis(e),
+                    tiercache_client::Error::Redis(e) => ReadError::Redis(*e),
                     e => ReadError::Cache(e.to_string()),
                 })
         }
