@@ -27,6 +27,13 @@ pub enum Slot<'a> {
     WrongType,
 }
 
+/// What a key holds, before it is borrowed as a [`Slot`] or an `&mut Entry`.
+enum Raw {
+    Empty,
+    Entry(*mut u8),
+    WrongType,
+}
+
 struct Handle(*mut raw::RedisModuleKey);
 
 impl Handle {
@@ -38,43 +45,47 @@ impl Handle {
     /// The entry behind an open key, for updating its tag epochs (module memory only: the keyspace is not
     /// modified).
     fn entry_mut(&mut self) -> Option<&mut Entry> {
-        match self.slot() {
-            Slot::Entry(_) => {}
-            _ => return None,
+        match self.raw() {
+            // SAFETY: our type's values are always pointers made by Entry::into_raw; nothing else
+            // references the entry while this handle is borrowed mutably.
+            Raw::Entry(p) => Some(unsafe { Entry::from_raw_mut(p) }),
+            Raw::Empty | Raw::WrongType => None,
         }
-        // SAFETY: open key handle holding our type (checked just above).
-        let p = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: our type's values are always pointers made by Entry::into_raw; nothing else references
-        // the entry while this handle is borrowed mutably.
-        Some(unsafe { Entry::from_raw_mut(p) })
     }
 
     fn slot(&self) -> Slot<'_> {
+        match self.raw() {
+            Raw::Empty => Slot::Empty,
+            // SAFETY: our type's values are always pointers made by Entry::into_raw, valid while the key
+            // is open and unmodified (the borrow of self enforces that).
+            Raw::Entry(p) => Slot::Entry(unsafe { Entry::from_raw(p) }),
+            Raw::WrongType => Slot::WrongType,
+        }
+    }
+
+    /// What the key holds, with one call each of KeyType, ModuleTypeGetType and ModuleTypeGetValue.
+    fn raw(&self) -> Raw {
         if self.0.is_null() {
-            return Slot::Empty;
+            return Raw::Empty;
         }
         // SAFETY: self.0 is an open key handle.
         let kind = unsafe { api!(RedisModule_KeyType)(self.0) };
         if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
-            return Slot::Empty;
+            return Raw::Empty;
         }
         // SAFETY: as above; ModuleTypeGetType returns null for non-module keys.
         if kind != raw::REDISMODULE_KEYTYPE_MODULE as c_int
             || unsafe { api!(RedisModule_ModuleTypeGetType)(self.0) } != data_type()
         {
-            return Slot::WrongType;
+            return Raw::WrongType;
         }
         // SAFETY: open key handle holding our type.
         let v = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
         if v.is_null() {
-            return Slot::Empty;
+            Raw::Empty
+        } else {
+            Raw::Entry(v)
         }
-        // SAFETY: our type's values are always pointers made by Entry::into_raw, valid while the key is
-        // open and unmodified (the borrow of self enforces that).
-        Slot::Entry(unsafe { Entry::from_raw(v) })
     }
 
     /// Absolute expiry of the key in unix ms, or NO_DEADLINE.
@@ -155,7 +166,7 @@ impl WriteKey {
         self.0.expire_at()
     }
 
-    /// The entry the key now holds (after [`WriteKey::store`]), to attach it to the tag index.
+    /// The entry the key holds (before [`WriteKey::store`] replaces it).
     pub fn entry_mut(&mut self) -> Option<&mut Entry> {
         self.0.entry_mut()
     }
@@ -166,13 +177,23 @@ impl WriteKey {
         !self.0 .0.is_null() && unsafe { api!(RedisModule_DeleteKey)(self.0 .0) } == raw::REDISMODULE_OK as c_int
     }
 
-    /// Makes the key hold `entry` with absolute expiry `expire_at` (NO_DEADLINE: none). An entry already
-    /// there is replaced in place, which keeps the key's dictionary slot (the caller detaches its tags
-    /// first); an empty key gets a new value.
-    pub fn store(&mut self, entry: Box<Entry>, expire_at: i64) -> Result<(), &'static str> {
-        crate::stats::entry_added(&entry);
-        let ptr = Entry::into_raw(entry).cast::<c_void>();
-        if self.0.entry_mut().is_some() {
+    /// Makes the key hold `entry` with absolute expiry `expire_at` (NO_DEADLINE: none), and hands it
+    /// back as the key now holds it (to attach it to the tag index). An entry already there is replaced
+    /// in place, which keeps the key's dictionary slot (the caller detaches its tags first); an empty key
+    /// gets a new value.
+    pub fn store(&mut self, entry: Box<Entry>, expire_at: i64) -> Result<&mut Entry, &'static str> {
+        let ptr = Entry::into_raw(entry);
+        self.store_raw(ptr, expire_at)?;
+        // SAFETY: `ptr` is the value the open key now holds (Redis owns it until our free callback);
+        // nothing else references it while this handle is borrowed mutably.
+        Ok(unsafe { Entry::from_raw_mut(ptr) })
+    }
+
+    fn store_raw(&mut self, ptr: *mut u8, expire_at: i64) -> Result<(), &'static str> {
+        // SAFETY: `ptr` was made by Entry::into_raw just now and is not yet shared.
+        crate::stats::entry_added(unsafe { Entry::from_raw(ptr) });
+        let ptr = ptr.cast::<c_void>();
+        if let Raw::Entry(_) = self.0.raw() {
             let mut old: *mut c_void = std::ptr::null_mut();
             // SAFETY: open write handle holding our type; Redis swaps in `ptr` (which it now owns) and hands
             // the old value back to us without calling any callback.

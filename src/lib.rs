@@ -28,6 +28,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         // SAFETY: OnLoad context; replaces the crate's default INFO callback with ours.
         unsafe { ffi::api!(RedisModule_RegisterInfoFunc)(ctx, Some(stats::info)) };
         emit::init();
+        reply::init(ctx);
         datatype::register(ctx)
             && config::register(ctx, &args)
             && commands::register(ctx)

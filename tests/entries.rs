@@ -44,7 +44,30 @@ proto_tests!(
     native_dump_restore,
     native_memory_usage,
     command_info_and_docs,
+    ok_reply_with_and_without_select,
 );
+
+/// TIERCACHE.SET's `+OK` is a call reply the module keeps from load (made with `SELECT 0`, see
+/// src/reply.rs): a simple string in RESP2 and RESP3, also inside MULTI and from Lua; with SELECT
+/// renamed away the module still loads and answers the plain `+OK`. The raw bytes are checked too, so
+/// a bulk "OK" would not pass.
+fn ok_reply_with_and_without_select(p: Proto) {
+    for builder in [Server::builder(), Server::builder().args(&["--rename-command", "SELECT", ""])] {
+        let s = builder.start();
+        let mut c = s.conn_proto(p);
+        c.ok(&cmd!("TIERCACHE.SET", "k", "v"));
+        assert_eq!(c.get("k").as_deref(), Some(&b"v"[..]));
+        c.ok(&cmd!("MULTI"));
+        c.run(&cmd!("TIERCACHE.SET", "k2", "v2"));
+        let exec = c.run(&cmd!("EXEC"));
+        assert!(matches!(&exec, redis::Value::Array(v) if v.len() == 1 && is_ok(&v[0])), "EXEC: {exec:?}");
+        let lua = c.run(&cmd!("EVAL", "return redis.call('TIERCACHE.SET', KEYS[1], 'v3')", "1", "k3"));
+        assert!(is_ok(&lua), "from Lua: {lua:?}");
+        let hello = if p == Proto::Resp3 { &b"HELLO 3\r\n"[..] } else { &b""[..] };
+        let raw = s.raw_exchange(&[hello, &b"TIERCACHE.SET k4 v4\r\nPING\r\n"[..]].concat(), b"+PONG\r\n");
+        assert!(raw.ends_with(b"+OK\r\n+PONG\r\n"), "raw reply: {:?}", String::from_utf8_lossy(&raw));
+    }
+}
 
 fn set_get_meta_basic(p: Proto) {
     let s = Server::start();

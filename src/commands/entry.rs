@@ -41,6 +41,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         return reply::wrong_arity(ctx);
     }
     let opts = ArgBytes::new(&args[3..]);
+    // Read once: each read of an argument is a call into Redis.
+    let (name, value) = (bytes(args[1]), bytes(args[2]));
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
@@ -63,7 +65,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
     // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
     let max_value = if replay { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
-    match storage.decoded_len(bytes(args[2])) {
+    match storage.decoded_len(value) {
         Ok(n) if n > max_value => {
             return reply::error(
                 ctx,
@@ -85,11 +87,10 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
             return reply::error(ctx, e);
         }
     }
-    let entry =
-        match Entry::from_value(bytes(args[2]), storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &parsed.tags) {
-            Ok(e) => e,
-            Err(e) => return reply::error(ctx, &format!("ERR {e}")),
-        };
+    let entry = match Entry::from_value(value, storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &parsed.tags) {
+        Ok(e) => e,
+        Err(e) => return reply::error(ctx, &format!("ERR {e}")),
+    };
 
     let mut key = WriteKey::open(ctx, args[1]);
     if let Slot::WrongType = key.slot() {
@@ -111,7 +112,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
     let mut entry = entry;
     let fill = match parsed.lease {
-        Some(token) => match leases::begin_fill(ctx, db, bytes(args[1]), token, &parsed.tags) {
+        Some(token) => match leases::begin_fill(ctx, db, name, token, &parsed.tags) {
             Ok((lease, took)) => {
                 entry.set_fill_ms(took);
                 Some(lease)
@@ -126,22 +127,24 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Some(old) = key.entry_mut() {
         carried = tagindex::carry_over(old, &mut entry);
         if !carried {
-            tagindex::detach(db, bytes(args[1]), old);
+            tagindex::detach(db, name, old);
         }
     }
-    if let Err(msg) = key.store(entry, expire_at) {
-        if let Some(lease) = fill {
-            leases::abort_fill(ctx, db, bytes(args[1]), lease);
+    match key.store(entry, expire_at) {
+        Ok(e) => {
+            if !carried {
+                tagindex::attach(ctx, db, name, e);
+            }
+            match fill {
+                Some(lease) => leases::filled(lease, e),
+                None => leases::written_by_other(db, name, e),
+            }
         }
-        return reply::error(ctx, msg);
-    }
-    if let Some(e) = key.entry_mut() {
-        if !carried {
-            tagindex::attach(ctx, db, bytes(args[1]), e);
-        }
-        match fill {
-            Some(lease) => leases::filled(lease, e),
-            None => leases::written_by_other(db, bytes(args[1]), e),
+        Err(msg) => {
+            if let Some(lease) = fill {
+                leases::abort_fill(ctx, db, name, lease);
+            }
+            return reply::error(ctx, msg);
         }
     }
     drop(key);

@@ -398,6 +398,32 @@ impl Server {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Writes `request` (raw RESP or inline commands) on a fresh TCP connection and returns every byte
+    /// read until the reply ends with `until` (panics after 10 s): for checking replies byte for byte.
+    pub fn raw_exchange(&self, request: &[u8], until: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(200))).expect("read timeout");
+        s.write_all(request).expect("write");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(until) {
+            assert!(
+                Instant::now() < deadline,
+                "no {:?} within 10 s: {:?}",
+                String::from_utf8_lossy(until),
+                String::from_utf8_lossy(&out)
+            );
+            match s.read(&mut buf) {
+                Ok(0) => panic!("connection closed: {:?}", String::from_utf8_lossy(&out)),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        }
+        out
+    }
+
     /// A RESP2 connection.
     pub fn conn(&self) -> Conn {
         self.conn_proto(Proto::Resp2)
