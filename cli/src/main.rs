@@ -170,24 +170,14 @@ async fn run_purge(a: PurgeArgs) -> Result<(), String> {
     };
     let metrics = Arc::new(purge::Metrics::new());
     if let Some(addr) = a.metrics_listen {
-        let listener = serve::bind(addr).await?;
         let lag: Gauge<f64, std::sync::atomic::AtomicU64> = Gauge::default();
         let mut registry = Registry::default();
         metrics.register(&mut registry, &lag);
-        let registry = Arc::new(registry);
         let m = metrics.clone();
-        let render: serve::Render = Arc::new(move || {
+        serve::spawn_registry(addr, registry, "purge", move || {
             lag.set(m.lag_seconds());
-            let mut out = String::new();
-            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-            Box::pin(async move { out })
-        });
-        log(&format!("purge: metrics on http://{addr}/metrics"));
-        tokio::spawn(async move {
-            if let Err(e) = serve::serve(listener, render).await {
-                log(&e);
-            }
-        });
+        })
+        .await?;
     }
     log(&format!(
         "purge: backend {}, namespace key {}, batch window {:?}, {} requests/s at most",

@@ -149,21 +149,9 @@ async fn run_cli(a: RunArgs) -> Result<(), String> {
     }
     let metrics = Arc::new(Metrics::default());
     if let Some(addr) = a.metrics_listen {
-        let listener = serve::bind(addr).await?;
         let mut registry = Registry::default();
         metrics.register(&mut registry);
-        let registry = Arc::new(registry);
-        let render: serve::Render = Arc::new(move || {
-            let mut out = String::new();
-            let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-            Box::pin(async move { out })
-        });
-        log(&format!("write-behind: metrics on http://{addr}/metrics"));
-        tokio::spawn(async move {
-            if let Err(e) = serve::serve(listener, render).await {
-                log(&e);
-            }
-        });
+        serve::spawn_registry(addr, registry, "write-behind", || {}).await?;
     }
     run(a, map.route, metrics).await
 }
