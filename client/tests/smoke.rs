@@ -9,12 +9,18 @@ use std::time::Duration;
 
 use tiercache_client::{Opts, TierCache};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_once_then_l1_then_invalidate_from_another_instance() {
+/// A module-enabled redis-server and two caches on it in namespace `ns`: two instances of one app.
+async fn two_instances(ns: &str) -> (common::Server, TierCache, TierCache) {
     let server = common::Server::start();
     let url = format!("redis://127.0.0.1:{}/", server.port);
-    let a = TierCache::builder(&url).namespace("t").build().await.unwrap();
-    let b = TierCache::builder(&url).namespace("t").build().await.unwrap();
+    let a = TierCache::builder(&url).namespace(ns).build().await.unwrap();
+    let b = TierCache::builder(&url).namespace(ns).build().await.unwrap();
+    (server, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_once_then_l1_then_invalidate_from_another_instance() {
+    let (_server, a, b) = two_instances("t").await;
     let loads = Arc::new(AtomicU32::new(0));
     let opts = Opts::default().ttl(Duration::from_secs(60)).tag("user:1");
     let load = |v: &'static str| {
@@ -115,10 +121,7 @@ async fn messagepack_by_default_raw_bytes_verbatim() {
 /// `a_tag_invalidated_after_hits_drops_the_entry` checks the tag path alone.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tag_invalidation_drops_l1_entries_already_served() {
-    let server = common::Server::start();
-    let url = format!("redis://127.0.0.1:{}/", server.port);
-    let a = TierCache::builder(&url).namespace("tt").build().await.unwrap();
-    let b = TierCache::builder(&url).namespace("tt").build().await.unwrap();
+    let (_server, a, b) = two_instances("tt").await;
     let load = |v: &'static str| move || async move { Ok::<_, std::io::Error>(v.to_string()) };
     let grp = Opts::default().ttl(Duration::from_secs(60)).tag("grp");
     let other = Opts::default().ttl(Duration::from_secs(60)).tag("other");
