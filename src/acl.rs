@@ -9,6 +9,8 @@
 //! `RedisModule_Call` (the calling module decides; its own "C" flag checks the command's keys).
 //! Scripts are checked against the user who ran them, like any client.
 
+use std::os::raw::c_int;
+
 use redis_module::raw;
 
 use crate::ffi::{api, free_string, new_string, Ctx, RStr};
@@ -38,8 +40,9 @@ impl Access {
 pub struct User {
     ctx: Ctx,
     user: *mut raw::RedisModuleUser,
-    /// The user's name, to find it again later (see [`User::by_name`]).
-    name: Vec<u8>,
+    /// The user's name (created with `ctx`, freed on drop), to find it again later (see
+    /// [`User::by_name`]). Kept as Redis made it: a copy would cost every tagged SET an allocation.
+    name: RStr,
 }
 
 impl User {
@@ -50,10 +53,9 @@ impl User {
     /// answers NULL for a client without a user (the master) or that is not a connection (AOF loading,
     /// a module's call, a script). A script's client does carry its caller's user, so under Lua (never
     /// replayed from the master or the AOF here: those are excluded first) `GetCurrentUserName` is used.
-    pub fn current(ctx: Ctx) -> Option<User> {
+    /// `flags` are the command's context flags (`RedisModule_GetContextFlags`, read once per command).
+    pub fn current(ctx: Ctx, flags: c_int) -> Option<User> {
         let no_user = (raw::REDISMODULE_CTX_FLAGS_REPLICATED | raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
-        // SAFETY: ctx is the live command context.
-        let flags = unsafe { api!(RedisModule_GetContextFlags)(ctx) };
         if flags & no_user != 0 {
             return None;
         }
@@ -77,15 +79,17 @@ impl User {
         }
         // SAFETY: name is a live string; the result is NULL or a handle we free in Drop.
         let user = unsafe { api!(RedisModule_GetModuleUserFromUserName)(name) };
-        let copy = crate::ffi::bytes(name).to_vec();
-        free_string(ctx, name);
-        (!user.is_null()).then_some(User { ctx, user, name: copy })
+        if user.is_null() {
+            free_string(ctx, name);
+            return None;
+        }
+        Some(User { ctx, user, name })
     }
 
     /// The user's name, to look it up again with [`User::by_name`] after the command returned (a handle
     /// must not be kept across event-loop iterations: the user could be deleted meanwhile).
     pub fn name(&self) -> &[u8] {
-        &self.name
+        crate::ffi::bytes(self.name)
     }
 
     /// Looks a user up by name outside a command (no ACL LOG entries: there is no command context).
@@ -93,8 +97,11 @@ impl User {
         let s = new_string(std::ptr::null_mut(), name);
         // SAFETY: s is a live string; the result is NULL or a handle we free in Drop.
         let user = unsafe { api!(RedisModule_GetModuleUserFromUserName)(s) };
-        free_string(std::ptr::null_mut(), s);
-        (!user.is_null()).then_some(User { ctx: std::ptr::null_mut(), user, name: name.to_vec() })
+        if user.is_null() {
+            free_string(std::ptr::null_mut(), s);
+            return None;
+        }
+        Some(User { ctx: std::ptr::null_mut(), user, name: s })
     }
 
     /// Whether the user's key patterns allow `access` to the name `name` (a command argument or a
@@ -149,12 +156,14 @@ impl Drop for User {
     fn drop(&mut self) {
         // SAFETY: self.user came from GetModuleUserFromUserName and is freed once.
         unsafe { api!(RedisModule_FreeModuleUser)(self.user) };
+        // Created with self.ctx (the command's, or none), freed once, not used after.
+        free_string(self.ctx, self.name);
     }
 }
 
-/// Like [`check`] for names given as bytes.
-pub fn check_bytes(ctx: Ctx, names: &[&[u8]], access: Access) -> Result<(), &'static str> {
-    let Some(user) = User::current(ctx) else {
+/// Like [`check`] for names given as bytes, with the command's context flags.
+pub fn check_bytes(ctx: Ctx, flags: c_int, names: &[&[u8]], access: Access) -> Result<(), &'static str> {
+    let Some(user) = User::current(ctx, flags) else {
         return Ok(());
     };
     match names.iter().find(|n| !user.may_bytes(n, access)) {
@@ -172,7 +181,13 @@ pub fn check_bytes(ctx: Ctx, names: &[&[u8]], access: Access) -> Result<(), &'st
 /// is denied; `Ok(None)` when the command has no client user, `Ok(Some(user))` otherwise (for further
 /// checks, e.g. TAGKEYS filtering its keys).
 pub fn check(ctx: Ctx, names: &[RStr], access: Access) -> Result<Option<User>, &'static str> {
-    match User::current(ctx) {
+    // SAFETY: ctx is the live command context.
+    check_with(ctx, unsafe { api!(RedisModule_GetContextFlags)(ctx) }, names, access)
+}
+
+/// [`check`] given the command's context flags, for a command that read them already.
+pub fn check_with(ctx: Ctx, flags: c_int, names: &[RStr], access: Access) -> Result<Option<User>, &'static str> {
+    match User::current(ctx, flags) {
         None => Ok(None),
         Some(user) if user.may_all(names, access) => Ok(Some(user)),
         Some(_) => Err(NOPERM),

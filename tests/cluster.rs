@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use common::{ms, Proto, Value};
 use harness::Cluster;
 
-proto_tests!(invalidate_from_every_master, tagcount_and_tagkeys_cluster_wide);
+proto_tests!(invalidate_from_every_master, tagcount_and_tagkeys_cluster_wide, tagkeys_cluster_wide_filtered_by_the_callers_acl);
 
 fn with_cluster<R>(f: impl FnOnce(&mut Cluster) -> R) -> R {
     let mut g = harness::shared();
@@ -130,6 +130,41 @@ fn tagcount_and_tagkeys_cluster_wide(p: Proto) {
         assert_eq!(c.conn(replica, p).int(&cmd!("TIERCACHE.TAGCOUNT", &tag)), keys.len() as i64);
         c.conn(masters[1], p).int(&cmd!("TIERCACHE.INVALIDATE", &tag));
         assert_eq!(c.conn(masters[2], p).int(&cmd!("TIERCACHE.TAGCOUNT", &tag)), 0);
+    })
+}
+
+/// A user limited to `~tenA:*` asks for a tag's keys cluster-wide: the answer lists the tenA keys of
+/// every master and none of tenB's (the filter runs on the asking node, by user name, after the other
+/// masters answered).
+fn tagkeys_cluster_wide_filtered_by_the_callers_acl(p: Proto) {
+    with_cluster(|c| {
+        let tag = format!("tenA:shared-{p:?}");
+        let a = keys_on_every_master(c, &format!("tenA:{p:?}"), 2);
+        let b = keys_on_every_master(c, &format!("tenB:{p:?}"), 2);
+        for (k, m) in a.iter().chain(&b) {
+            set(c, *m, k, "v", &[&tag]);
+        }
+        let masters = c.masters();
+        let user = format!("tenant-{p:?}");
+        for &m in &masters {
+            c.conn(m, Proto::Resp2).ok(&cmd!("ACL", "SETUSER", &user, "on", "nopass", "~tenA:*", "+@all"));
+        }
+        let mut want: Vec<String> = a.iter().map(|(k, _)| k.clone()).collect();
+        want.sort();
+        for &m in &masters {
+            let mut conn = c.conn(m, p);
+            conn.ok(&cmd!("AUTH", &user, "x"));
+            let mut got = keys_of(conn.run(&cmd!("TIERCACHE.TAGKEYS", &tag)));
+            got.sort();
+            assert_eq!(got, want, "TAGKEYS as {user} from {m}");
+            // The unrestricted default user sees both tenants' keys.
+            let all = keys_of(c.conn(m, p).run(&cmd!("TIERCACHE.TAGKEYS", &tag)));
+            assert_eq!(all.len(), a.len() + b.len(), "TAGKEYS as default from {m}");
+        }
+        for &m in &masters {
+            c.conn(m, Proto::Resp2).int(&cmd!("ACL", "DELUSER", &user));
+        }
+        c.conn(masters[0], p).int(&cmd!("TIERCACHE.INVALIDATE", &tag));
     })
 }
 

@@ -80,8 +80,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if !parsed.tags.is_empty() {
         let tag_args = parsed.tags_at.and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
         let checked = match tag_args {
-            Some(tag_args) => acl::check(ctx, tag_args, Access::Write).map(drop),
-            None => acl::check_bytes(ctx, &parsed.tags, Access::Write),
+            Some(tag_args) => acl::check_with(ctx, flags, tag_args, Access::Write).map(drop),
+            None => acl::check_bytes(ctx, flags, &parsed.tags, Access::Write),
         };
         if let Err(e) = checked {
             return reply::error(ctx, e);
