@@ -67,6 +67,7 @@ impl Cdn {
 /// The header would be longer than the CDN takes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TooLong {
+    /// The CDN whose limit it passed.
     pub cdn: Cdn,
     /// The length the value would have had.
     pub len: usize,

@@ -22,6 +22,8 @@
 //! `compress_min_size` bytes are lz4-framed by the client and read back undecoded (`ENCODED`), so Redis
 //! never decompresses for this client.
 
+#![warn(missing_docs)]
+
 pub mod edge;
 mod error;
 mod flight;
@@ -80,30 +82,37 @@ pub struct Opts {
 }
 
 impl Opts {
+    /// Sets [`Opts::ttl`].
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
     }
+    /// Sets [`Opts::stale`].
     pub fn stale(mut self, stale: Duration) -> Self {
         self.stale = Some(stale);
         self
     }
+    /// Adds a tag to [`Opts::tags`].
     pub fn tag(mut self, tag: impl Into<String>) -> Self {
         self.tags.push(tag.into());
         self
     }
+    /// Sets [`Opts::skip_l1`].
     pub fn skip_l1(mut self) -> Self {
         self.skip_l1 = true;
         self
     }
+    /// Sets [`Opts::skip_l2`].
     pub fn skip_l2(mut self) -> Self {
         self.skip_l2 = true;
         self
     }
+    /// Sets [`Opts::beta`].
     pub fn beta(mut self, beta: f64) -> Self {
         self.beta = Some(beta);
         self
     }
+    /// Sets [`Opts::load_timeout`].
     pub fn load_timeout(mut self, d: Duration) -> Self {
         self.load_timeout = Some(d);
         self
@@ -152,6 +161,8 @@ pub struct Builder {
 }
 
 impl Builder {
+    /// The namespace every key of this cache lives under (`<namespace>:v<version>:<key>`; default
+    /// `"app"`), also the prefix its invalidation tracking covers.
     pub fn namespace(mut self, ns: impl Into<String>) -> Self {
         self.namespace = ns.into();
         self
@@ -161,6 +172,7 @@ impl Builder {
         self.schema_version = v;
         self
     }
+    /// Size of L1 in bytes of keys and encoded values (default 64 MiB).
     pub fn l1_max_bytes(mut self, n: u64) -> Self {
         self.l1_max_bytes = n;
         self
@@ -170,22 +182,29 @@ impl Builder {
         self.l1_ttl = d;
         self
     }
+    /// Fresh period of an entry written without [`Opts::ttl`] (default 5 minutes).
     pub fn default_ttl(mut self, d: Duration) -> Self {
         self.default_ttl = d;
         self
     }
+    /// Stale window after the fresh period of an entry written without [`Opts::stale`] (default none):
+    /// Redis serves the old value while one caller refreshes it, and a failing loader falls back to it.
     pub fn stale(mut self, d: Duration) -> Self {
         self.stale = d;
         self
     }
+    /// How long a fill lease this client takes may stay unfilled before Redis gives it to the next
+    /// reader (default 5 s).
     pub fn lease_timeout(mut self, d: Duration) -> Self {
         self.lease_timeout = d;
         self
     }
+    /// How long a read waits in Redis for another client's fill before loading itself (default 2 s).
     pub fn wait_timeout(mut self, d: Duration) -> Self {
         self.wait_timeout = d;
         self
     }
+    /// Values of at least this many encoded bytes are lz4-framed by the client (default 1024).
     pub fn compress_min_size(mut self, n: usize) -> Self {
         self.compress_min_size = n;
         self
@@ -457,7 +476,9 @@ fn jitter_unit() -> f64 {
 /// How a value is stored: MessagePack (named fields, `rmp-serde`) for every `Serialize +
 /// DeserializeOwned` type, so Rust and Python read the same entries; [`Raw`] stores bytes as they are.
 pub trait CacheValue: Sized {
+    /// The bytes stored for the value.
     fn to_bytes(&self) -> Result<Vec<u8>, String>;
+    /// The value of stored bytes; `Err` with a message when they are not one.
     fn from_bytes(b: &[u8]) -> Result<Self, String>;
 }
 

@@ -64,7 +64,7 @@ macro_rules! counters {
         /// [`crate::TierCache::render_prometheus`]).
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
         pub struct Snapshot {
-            $(pub $name: u64,)*
+            $(#[doc = $help] pub $name: u64,)*
             /// Entries in L1 now.
             pub l1_entries: u64,
             /// Bytes (keys and encoded values) in L1 now.

@@ -68,7 +68,9 @@ pub struct Accepted {
 /// What a write-behind message asks the worker to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteOp {
+    /// Store the message's value at its key.
     Set,
+    /// Delete the key.
     Delete,
 }
 
