@@ -7,7 +7,8 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod harness;
-mod pgharness;
+#[path = "../../client/tests/common/pg.rs"]
+mod pg;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ tags = ["user:{id}", "org:{org_id}"]
 "#;
 
 async fn setup_db(dsn: &str) -> tokio_postgres::Client {
-    let c = pgharness::connect(dsn).await;
+    let c = pg::connect(dsn).await;
     c.batch_execute(
         "CREATE TABLE users (id int PRIMARY KEY, org_id int, name text, version bigint NOT NULL DEFAULT 0);
          INSERT INTO users (id, org_id, name) SELECT g, g % 10, 'u' || g FROM generate_series(1, 200) g;",
@@ -88,7 +89,7 @@ async fn gone(redis: &common::Server, key: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_invalidates_nothing_update_invalidates_old_and_new() {
-    let (dsn, _guard) = pgharness::fresh_db("basic").await;
+    let (dsn, _guard) = pg::fresh_db("basic").await;
     let dir = TempDir::new("pg-basic");
     let db = setup_db(&dsn).await;
     let map = write_map(&dir, MAPPING);
@@ -152,7 +153,7 @@ async fn rollback_invalidates_nothing_update_invalidates_old_and_new() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_rejects_unknown_columns() {
-    let (dsn, _guard) = pgharness::fresh_db("badcol").await;
+    let (dsn, _guard) = pg::fresh_db("badcol").await;
     let dir = TempDir::new("pg-badcol");
     setup_db(&dsn).await;
     let map = write_map(&dir, "[tables.users]\ntags = [\"user:{idd}\"]\n");
@@ -165,7 +166,7 @@ async fn install_rejects_unknown_columns() {
     // schema: installs, re-installs (idempotent) and writes the outbox.
     let long = "a_table_with_a_rather_long_name_of_55_characters_______";
     assert_eq!(long.len(), 55);
-    let db = pgharness::connect(&dsn).await;
+    let db = pg::connect(&dsn).await;
     db.batch_execute(&format!(
         "CREATE SCHEMA app; CREATE TABLE app.{long} (id int PRIMARY KEY); INSERT INTO app.{long} VALUES (1)"
     ))
@@ -183,7 +184,7 @@ async fn install_rejects_unknown_columns() {
 /// longer transaction, are all delivered by a restarted bridge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_killed_and_out_of_id_order_commits_lose_nothing() {
-    let (dsn, _guard) = pgharness::fresh_db("killbridge").await;
+    let (dsn, _guard) = pg::fresh_db("killbridge").await;
     let dir = TempDir::new("pg-killbridge");
     let db = setup_db(&dsn).await;
     let map = write_map(&dir, MAPPING);
@@ -192,7 +193,7 @@ async fn bridge_killed_and_out_of_id_order_commits_lose_nothing() {
     let mut r = redis.conn();
     let b = bridge(&dir, "bridge1", &dsn, &map, &redis);
     // A long transaction takes the smaller outbox id, a short one commits first with a larger id.
-    let long = pgharness::connect(&dsn).await;
+    let long = pg::connect(&dsn).await;
     long.batch_execute("BEGIN; UPDATE users SET version = version + 1 WHERE id = 10").await.unwrap();
     cache(&mut r, "u11", &["user:11"]);
     cache(&mut r, "u10", &["user:10"]);
@@ -244,7 +245,7 @@ async fn bridge_killed_and_out_of_id_order_commits_lose_nothing() {
 /// acknowledges, and the rows stay in the outbox meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_and_restarted_loses_nothing() {
-    let (dsn, _guard) = pgharness::fresh_db("killredis").await;
+    let (dsn, _guard) = pg::fresh_db("killredis").await;
     let dir = TempDir::new("pg-killredis");
     let db = setup_db(&dsn).await;
     let map = write_map(&dir, MAPPING);
@@ -281,7 +282,7 @@ async fn redis_killed_and_restarted_loses_nothing() {
 /// the bridge reconnects and follows new commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_loses_nothing() {
-    let (dsn, _guard) = pgharness::fresh_db_exclusive("pgrestart").await;
+    let (dsn, _guard) = pg::fresh_db_exclusive("pgrestart").await;
     let dir = TempDir::new("pg-restart");
     let db = setup_db(&dsn).await;
     let map = write_map(&dir, MAPPING);
@@ -295,7 +296,7 @@ async fn postgres_restart_loses_nothing() {
     for id in 80..90 {
         db.execute("UPDATE users SET version = version + 1 WHERE id = $1", &[&id]).await.unwrap();
     }
-    let pg = pgharness::shared();
+    let pg = pg::shared();
     pg.stop_immediate();
     let mut b = bridge(&dir, "bridge", &dsn, &map, &redis);
     assert!(
@@ -312,7 +313,7 @@ async fn postgres_restart_loses_nothing() {
     // A crash while the bridge listens: it reconnects and delivers the next commits.
     pg.stop_immediate();
     pg.start();
-    let db = pgharness::connect_retry(&dsn).await;
+    let db = pg::connect_retry(&dsn).await;
     for id in 90..100 {
         db.execute("UPDATE users SET version = version + 1 WHERE id = $1", &[&id]).await.unwrap();
     }
@@ -344,7 +345,7 @@ const USERS: i32 = 200;
 /// the round): then no entry in Redis may hold anything but its row's committed version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_random_kills_of_bridge_and_redis_serve_nothing_stale() {
-    let (dsn, _guard) = pgharness::fresh_db("checker").await;
+    let (dsn, _guard) = pg::fresh_db("checker").await;
     let dir = TempDir::new("pg-checker");
     let db = setup_db(&dsn).await;
     let map = write_map(&dir, MAPPING);
@@ -361,7 +362,7 @@ async fn checker_random_kills_of_bridge_and_redis_serve_nothing_stale() {
         for w in 0..2u64 {
             let (dsn, stop) = (dsn.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
-                let c = pgharness::connect(&dsn).await;
+                let c = pg::connect(&dsn).await;
                 let mut rng = Rng(round * 100 + w + 1);
                 while !stop.load(Ordering::Relaxed) {
                     let id = 1 + rng.below(USERS as u64) as i32;
@@ -382,7 +383,7 @@ async fn checker_random_kills_of_bridge_and_redis_serve_nothing_stale() {
             let (dsn, stop, url) = (dsn.clone(), stop.clone(), url.clone());
             tasks.push(tokio::spawn(async move {
                 let Ok(cache) = TierCache::builder(url).namespace("chk").build().await else { return };
-                let c = Arc::new(pgharness::connect(&dsn).await);
+                let c = Arc::new(pg::connect(&dsn).await);
                 let mut rng = Rng(round * 100 + rd + 50);
                 while !stop.load(Ordering::Relaxed) {
                     let id = 1 + rng.below(USERS as u64) as i32;

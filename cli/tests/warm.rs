@@ -7,7 +7,8 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod harness;
-mod pgharness;
+#[path = "../../client/tests/common/pg.rs"]
+mod pg;
 
 use std::process::Command;
 use std::time::Duration;
@@ -34,8 +35,8 @@ struct Product {
 }
 
 async fn fixture_db(what: &str) -> (String, tokio_postgres::Client, tokio::sync::RwLockReadGuard<'static, ()>) {
-    let (dsn, guard) = pgharness::fresh_db(what).await;
-    let c = pgharness::connect(&dsn).await;
+    let (dsn, guard) = pg::fresh_db(what).await;
+    let c = pg::connect(&dsn).await;
     let sql = std::fs::read_to_string(harness::repo_root().join("cli/tests/fixtures/warm_pg.sql")).expect("fixture");
     c.batch_execute(&sql).await.expect("load the fixture");
     (dsn, c, guard)
@@ -124,7 +125,7 @@ async fn a_write_or_invalidation_between_lease_and_fill_wins() {
     std::fs::write(&file, "-- tiercache: name=u key=user:{id} tags=user:{id}\nSELECT id, org_id, name, email FROM users WHERE id <= 5 AND (SELECT gate());\n").unwrap();
     let redis = common::Server::start();
     let url = format!("redis://127.0.0.1:{}/", redis.port);
-    let gatekeeper = pgharness::connect(&dsn).await;
+    let gatekeeper = pg::connect(&dsn).await;
     gatekeeper.batch_execute("SELECT pg_advisory_lock(4242)").await.unwrap();
     let (file_s, dsn2, url2) = (file.display().to_string(), dsn.clone(), url.clone());
     let run = tokio::task::spawn_blocking(move || warm(&["--dsn", &dsn2, "--file", &file_s, "--redis", &url2, "--restart"]));
