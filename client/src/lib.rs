@@ -658,6 +658,40 @@ impl TierCache {
         }
     }
 
+    /// The L1 read alone, as a plain call (no future): `Some` on an L1 hit, as [`TierCache::get_cached`]
+    /// would answer it (the same tag, deadline and type checks, counted as an L1 hit), `None` on an L1
+    /// miss. It never calls Redis, and answers `None` while invalidations are not flowing (Redis away or
+    /// reconnecting): the async reads then try to resume coherence first and serve L1 through an
+    /// outage, this one does not trust L1 unchecked. `Err` when the entry cannot be decoded as `T`.
+    ///
+    /// For sync code, and for hot loops that fall back to an async read on `None`: it is the cheapest
+    /// read, the same hit without an `async` call around it (measured in BENCHMARKS.md).
+    ///
+    /// ```no_run
+    /// # use tiercache_client::{Cached, Opts, TierCache};
+    /// # async fn f(cache: &TierCache, opts: &Opts) -> Result<(), Box<dyn std::error::Error>> {
+    /// let user: Cached<String> = match cache.get_l1("user:42")? {
+    ///     Some(hit) => hit,
+    ///     None => cache.get_or_load_cached("user:42", opts, || async { Ok::<_, std::io::Error>("Ada".to_string()) }).await?,
+    /// };
+    /// # Ok(()) }
+    /// ```
+    #[inline]
+    pub fn get_l1<T: CacheValue + Send + Sync + 'static>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Cached<T>>, Error<std::convert::Infallible>> {
+        let i = &self.inner;
+        if !i.tracking.load(Relaxed) {
+            metrics::bump(&i.metrics.l1_misses);
+            return Ok(None);
+        }
+        match i.l1_get(key) {
+            Some(e) => Self::cached_of(e).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// A hit as a [`Cached`]: over the entry when its decoded copy is a `T` (decoding it first if the
     /// entry has none yet), else over a copy decoded for this call.
     #[inline(always)]

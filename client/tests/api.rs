@@ -1,5 +1,5 @@
 //! Issue 14 items 3-5 against a real module-enabled redis-server: the decoded L1 (`get_arc`,
-//! `get_or_load_arc`), shared loader errors, loader timeout and cancellation (the lease is given back),
+//! `get_or_load_arc`, `get_l1`), shared loader errors, loader timeout and cancellation (the lease is given back),
 //! `skip_l1`/`skip_l2`, early refresh with `BETA`, pipelined `get_many`/`set_many`, read-keys tracking,
 //! an existing `redis::Client`, and errors that keep their source.
 
@@ -88,6 +88,41 @@ async fn l1_hands_out_the_decoded_value_and_redis_keeps_the_shared_bytes() {
     // A value written by another client is read by this one's Arc API from Redis.
     let b = TierCache::builder(url_of(&server)).namespace("arc").build().await.unwrap();
     assert_eq!(*b.get_or_load_arc("p1", &o, || async { Err::<Profile, String>("no".into()) }).await.unwrap(), profile(1));
+}
+
+/// `get_l1`, the L1 read as a plain call: a key only in Redis is a miss and is not fetched; a loaded key
+/// is a hit handing out the loaded value itself (counted); another type gets a decoded copy, a type the
+/// bytes are not an error; another client's tag invalidation makes it a miss; with Redis gone it answers
+/// `None` although L1 holds the key, which the async read still serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_l1_reads_l1_alone() {
+    let mut server = common::Server::start();
+    let a = TierCache::builder(url_of(&server)).namespace("l1only").build().await.unwrap();
+    let b = TierCache::builder(url_of(&server)).namespace("l1only").build().await.unwrap();
+    let o = Opts::default().ttl(Duration::from_secs(60)).tag("grp");
+    b.set("only-redis", &profile(9), &o).await.unwrap();
+    let m0 = a.metrics();
+    assert!(a.get_l1::<Profile>("only-redis").unwrap().is_none());
+    assert!(a.get_l1::<Profile>("only-redis").unwrap().is_none(), "still a miss: get_l1 never fetches");
+    let m1 = a.metrics();
+    assert_eq!((m1.l1_misses - m0.l1_misses, m1.l2_hits - m0.l2_hits), (2, 0));
+
+    let loaded = a.get_or_load_arc("p", &o, || async { Ok::<_, String>(profile(1)) }).await.unwrap();
+    let m2 = a.metrics();
+    let hit = a.get_l1::<Profile>("p").unwrap().expect("an L1 hit");
+    assert!(std::ptr::eq(&*hit, &*loaded), "the loaded value itself");
+    assert_eq!(a.metrics().l1_hits - m2.l1_hits, 1);
+    assert_eq!(a.get_l1::<IdOnly>("p").unwrap().unwrap().id, 1);
+    assert!(matches!(a.get_l1::<u64>("p"), Err(Error::Codec(_))));
+
+    b.invalidate_tags(&["grp"]).await.unwrap();
+    until("a's L1 dropped the entry b invalidated", || a.get_l1::<Profile>("p").unwrap().is_none()).await;
+
+    a.get_or_load_arc("q", &o, || async { Ok::<_, String>(profile(2)) }).await.unwrap();
+    assert!(a.get_l1::<Profile>("q").unwrap().is_some());
+    server.kill();
+    until("a noticed that Redis is gone", || a.get_l1::<Profile>("q").unwrap().is_none()).await;
+    assert_eq!(*a.get_arc::<Profile>("q").await.unwrap().unwrap(), profile(2), "the async read serves L1 through the outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
