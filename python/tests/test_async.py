@@ -188,3 +188,18 @@ def test_async_decorator(server, r, protocol):
         await c.aclose()
 
     run(main())
+
+
+def test_async_get_l1_without_awaiting(server, r, protocol):
+    async def main():
+        async with acache(server, protocol) as a, acache(server, protocol) as b:
+            await b.set("only-redis", 9)
+            assert a.get_l1("only-redis") is None, "only in Redis: a miss, never fetched"
+            assert await a.get_or_load("k", lambda: {"id": 1}, tags=["grp"]) == {"id": 1}
+            s0 = a.stats()
+            assert a.get_l1("k") == {"id": 1}
+            assert a.stats()["l1_hits"] - s0["l1_hits"] == 1
+            await b.invalidate_tags("grp")
+            await until(lambda: a.get_l1("k") is None, what="a's L1 to drop the entry b invalidated")
+
+    run(main())

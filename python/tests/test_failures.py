@@ -172,3 +172,42 @@ def test_a_silent_server_is_noticed_by_ping(start_server, protocol):
         assert asyncio.run(main()) == (False, False)
     finally:
         c.close()
+
+
+def test_get_l1_reads_l1_alone(start_server, protocol):
+    """``get_l1``: a key only in Redis is a miss and is not fetched; a loaded key is a hit (the L1 object,
+    counted); another client's tag invalidation makes it a miss; with Redis gone it answers the default
+    although L1 holds the key, which ``get`` still serves."""
+    import redis as redis_py
+
+    from tiercache import TierCache
+
+    srv = start_server()
+
+    def cache(**kw):
+        return TierCache(redis_py.Redis(host="127.0.0.1", port=srv.port, protocol=protocol), namespace="t",
+                         registry=None, op_timeout=0.2, **kw)
+
+    a, b = cache(), cache()
+    try:
+        b.set("only-redis", {"id": 9})
+        s0 = a.stats()
+        assert a.get_l1("only-redis") is None
+        assert a.get_l1("only-redis", "dflt") == "dflt"
+        s1 = a.stats()
+        assert (s1["l1_misses"] - s0["l1_misses"], s1["l2_hits"] - s0["l2_hits"]) == (2, 0)
+        assert a.get_or_load("p", lambda: {"id": 1}, tags=["grp"]) == {"id": 1}
+        hit = a.get_l1("p")
+        assert hit == {"id": 1} and a.get_l1("p") is hit
+        assert a.stats()["l1_hits"] - s1["l1_hits"] == 2
+        b.invalidate_tags("grp")
+        wait_for(lambda: a.get_l1("p") is None, what="a's L1 to drop the entry b invalidated")
+        assert a.get_or_load("q", lambda: "q-v") == "q-v"
+        assert a.get_l1("q") == "q-v"
+        srv.stop()
+        wait_for(lambda: not a._core.tracking, what="the listener to notice")
+        assert a.get_l1("q", "dflt") == "dflt"
+        assert a.get("q") == "q-v"
+    finally:
+        a.close()
+        b.close()

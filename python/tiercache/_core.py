@@ -284,6 +284,15 @@ class Core:
         self.m.l1_misses += 1
         return _MISS
 
+    def l1_only(self, key: str, raw: bool, default: Any) -> Any:
+        """``get_l1``: the L1 read alone (counted), ``default`` on a miss and while invalidations are not
+        flowing (L1 is not trusted unchecked then; ``get`` tries to reconnect first)."""
+        if not self.tracking:
+            self.m.l1_misses += 1
+            return default
+        v = self.l1_get(key, raw)
+        return default if v is _MISS else v
+
     def l1_stale(self, key: str, raw: bool) -> Any:
         """A copy past its L1 deadline but never invalidated (fail-safe), or ``_MISS``."""
         e = self._l1.get(key)

@@ -189,6 +189,14 @@ class AsyncTierCache:
         degraded and keeps trying)."""
         return await self._session() is not None
 
+    def get_l1(self, key: str, default: Any = None, *, raw: bool = False) -> Any:
+        """The in-process (L1) read alone, without a Redis call: the value on an L1 hit (what ``get``
+        would answer, counted as a hit), ``default`` on a miss, and ``default`` while invalidations are
+        not flowing (Redis away or reconnecting; ``get`` then tries to reconnect first and serves L1
+        through an outage). For hot paths that fall back to ``get_or_load`` on a miss, and for code
+        that cannot await."""
+        return self._core.l1_only(key, raw, default)
+
     async def get(self, key: str, default: Any = None, *, raw: bool = False) -> Any:
         c = self._core
         await self._resume()

@@ -208,6 +208,13 @@ class TierCache:
         """Counters and gauges now, under the Rust client's names (without ``tiercache_client_``)."""
         return self._core.stats()
 
+    def get_l1(self, key: str, default: Any = None, *, raw: bool = False) -> Any:
+        """The in-process (L1) read alone, without a Redis call: the value on an L1 hit (what ``get``
+        would answer, counted as a hit), ``default`` on a miss, and ``default`` while invalidations are
+        not flowing (Redis away or reconnecting; ``get`` then tries to reconnect first and serves L1
+        through an outage). For hot paths that fall back to ``get_or_load`` on a miss."""
+        return self._core.l1_only(key, raw, default)
+
     def get(self, key: str, default: Any = None, *, raw: bool = False) -> Any:
         """L1, then ``TIERCACHE.GET key ENCODED`` (no lease, no load); ``default`` on a miss or when Redis
         fails."""
