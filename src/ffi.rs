@@ -107,6 +107,10 @@ pub enum ArgBytes<'a> {
 
 impl<'a> ArgBytes<'a> {
     pub fn new(args: &[RStr]) -> Self {
+        if args.is_empty() {
+            // No options (a plain SET): no 16-slot array to fill and move.
+            return ArgBytes::Heap(Vec::new());
+        }
         if args.len() <= 16 {
             let mut a: [&'a [u8]; 16] = [&[]; 16];
             for (slot, &s) in a.iter_mut().zip(args) {

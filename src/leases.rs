@@ -75,6 +75,8 @@ struct ParkedAt {
 
 thread_local! {
     static TABLE: RefCell<LeaseTable<Parked>> = RefCell::new(LeaseTable::new(random_token));
+    /// See [`none_held`].
+    static HELD: Cell<bool> = const { Cell::new(false) };
     /// Where each parked client waits: blocked-client handle -> (db, key, client).
     static PARKED_AT: RefCell<HashMap<usize, ParkedAt>> = RefCell::new(HashMap::new());
     /// The parked read of each client (a client runs one command at a time, so at most one).
@@ -122,7 +124,22 @@ pub fn random_unit() -> f64 {
 }
 
 fn with<R>(f: impl FnOnce(&mut LeaseTable<Parked>) -> R) -> Option<R> {
-    TABLE.with(|t| t.try_borrow_mut().ok().map(|mut t| f(&mut t)))
+    TABLE.with(|t| {
+        t.try_borrow_mut().ok().map(|mut t| {
+            // Held until shown otherwise: should `f` unwind, the fast path stays off.
+            HELD.with(|h| h.set(true));
+            let r = f(&mut t);
+            HELD.with(|h| h.set(!t.is_empty()));
+            r
+        })
+    })
+}
+
+/// Whether any lease is held, as the table stood after the last [`with`] (its only mutable access): a
+/// write of a key without a lease (most) looks no further.
+#[inline]
+fn none_held() -> bool {
+    !HELD.with(Cell::get)
 }
 
 /// True when any lease is outstanding.
@@ -360,6 +377,9 @@ pub fn filled(lease: Lease<Parked>, entry: &Entry) {
 
 /// Another writer stored a value at `key`: a lease there is fenced, and its waiters get the value now.
 pub fn written_by_other(db: usize, key: &[u8], entry: &Entry) {
+    if none_held() {
+        return;
+    }
     let waiters = with(|t| {
         if t.is_empty() {
             return None;
@@ -380,7 +400,7 @@ pub fn written_by_other(db: usize, key: &[u8], entry: &Entry) {
 /// deletes invalidated entries: that changes nothing readers could see (a lease granted after the
 /// invalidation must still be able to fill).
 pub fn key_changed(db: usize, key: &[u8]) {
-    if crate::tagindex::reclaiming() {
+    if none_held() || crate::tagindex::reclaiming() {
         return;
     }
     with(|t| {

@@ -5,16 +5,17 @@
 //!
 //! Redis 7.0 sends the propagated stream to the AOF when AOF is on, and to the replication backlog and
 //! replicas when this node is a master that has a backlog or replicas (`shouldPropagate` in server.c).
-//! So the effect form is needed when:
-//! - AOF is on: checked on every SET from the context flags it reads anyway;
-//! - or the node is *listened to*: a replication backlog exists or replicas are connected.
+//! So the effect form is needed when the node is *listened to*: AOF is on, a replication backlog exists
+//! or replicas are connected.
 //!
 //! "Listened to" starts true at load and after every role change; it turns true on every fork (a
 //! replica's full sync — even a diskless one after its delay — forks before the replica gets anything
-//! after its snapshot; so does `redis-cli --rdb` or `--replica`), and it turns false only when a poll of
-//! `INFO replication`, once a second while true, finds neither a backlog nor a replica. A backlog that
-//! Redis creates for a new replica before that fork gets a new replication id, so nothing propagated
-//! before the fork is ever sent to anyone.
+//! after its snapshot; so does `redis-cli --rdb` or `--replica`; and AOF turned on at run time: Redis 7.0
+//! appends to the AOF only once its rewrite child exists, `feedAppendOnlyFile`), and it turns false
+//! only when a poll, once a second while true, finds AOF off (the context flags) and neither a backlog
+//! nor a replica (`INFO replication`). A backlog that Redis creates for a new replica before that fork
+//! gets a new replication id, so nothing propagated before the fork is ever sent to anyone. So a SET
+//! reads no context flags for this (`RedisModule_GetContextFlags` is ~130 instructions).
 
 use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
@@ -31,13 +32,9 @@ thread_local! {
     static POLL_ARMED: Cell<bool> = const { Cell::new(false) };
 }
 
-/// True when a write must propagate its effect form: AOF on (`flags` are the caller's context flags) or
-/// a backlog or replica may read the stream.
+/// True when a write must propagate its effect form: AOF, a backlog or a replica may read the stream.
 #[inline]
-pub fn needs_effects(ctx: Ctx, flags: c_int) -> bool {
-    if flags & raw::REDISMODULE_CTX_FLAGS_AOF as c_int != 0 {
-        return true;
-    }
+pub fn needs_effects(ctx: Ctx) -> bool {
     if !LISTENED.with(Cell::get) {
         return false;
     }
@@ -81,10 +78,16 @@ fn backlog_or_replicas(ctx: Ctx) -> bool {
     }
 }
 
+/// AOF on (or waiting for its first rewrite), from the context flags.
+fn aof_on(ctx: Ctx) -> bool {
+    // SAFETY: live (timer) context.
+    unsafe { api!(RedisModule_GetContextFlags)(ctx) & raw::REDISMODULE_CTX_FLAGS_AOF as c_int != 0 }
+}
+
 unsafe extern "C" fn poll(ctx: Ctx, _data: *mut c_void) {
     POLL_ARMED.with(|a| a.set(false));
     guard((), || {
-        if backlog_or_replicas(ctx) {
+        if aof_on(ctx) || backlog_or_replicas(ctx) {
             arm(ctx);
         } else {
             LISTENED.with(|l| l.set(false));

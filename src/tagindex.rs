@@ -144,7 +144,11 @@ pub fn attach(ctx: Ctx, db: usize, key: &[u8], entry: &mut Entry) {
 /// An overwrite with the same tags: the new entry takes the old one's place in the index (see
 /// `Registry::carry_over`); then neither `detach` nor `attach` is needed.
 pub fn carry_over(old: &Entry, new: &mut Entry) -> bool {
-    !new.tags().is_empty() && REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.carry_over(old.tags(), new.tags_mut())))
+    if new.tags().is_empty() {
+        // Untagged in, untagged out: nothing to take out of the index or put in.
+        return old.tags().is_empty();
+    }
+    REGISTRY.with(|r| r.try_borrow().is_ok_and(|r| r.carry_over(old.tags(), new.tags_mut())))
 }
 
 /// The type's unlink callback: the entry leaves `key` in `db`.

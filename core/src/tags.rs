@@ -176,7 +176,15 @@ pub struct Encoder<'a> {
 impl<'a> Encoder<'a> {
     /// Repeats are found in O(n) expected time (a hash set above [`LINEAR_DEDUP_MAX`] tags, a scan of the
     /// few before each tag below it, with no allocation).
+    #[inline]
     pub fn new(tags: &'a [&'a [u8]]) -> Self {
+        if tags.is_empty() {
+            return Encoder { tags, repeats: 0, keep: None, len: 0 };
+        }
+        Self::of(tags)
+    }
+
+    fn of(tags: &'a [&'a [u8]]) -> Self {
         let (repeats, keep) = if tags.len() <= LINEAR_DEDUP_MAX {
             let mask = (0..tags.len()).filter(|&i| tags[..i].contains(&tags[i])).fold(0u16, |m, i| m | (1 << i));
             (mask, None)
@@ -216,7 +224,14 @@ impl<'a> Encoder<'a> {
     }
 
     /// Appends the list's bytes to `out`.
+    #[inline]
     pub fn write(&self, out: &mut Vec<u8>) {
+        if self.len != 0 {
+            self.write_kept(out);
+        }
+    }
+
+    fn write_kept(&self, out: &mut Vec<u8>) {
         for t in self.kept() {
             out.extend_from_slice(&PENDING.to_le_bytes());
             out.extend_from_slice(&0u32.to_le_bytes());

@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::os::raw::c_int;
 
-use tiercache_core::args::{parse_get, parse_set, Compression, GetArgs, LeaseArgs};
+use tiercache_core::args::{parse_get, parse_set, ArgError, Compression, GetArgs, LeaseArgs};
 use tiercache_core::entry::Storage;
 use tiercache_core::lease::Acquire;
 use tiercache_core::lz4::MAX_ORIGINAL_LEN;
@@ -45,12 +45,16 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     let (name, value) = (bytes(args[1]), bytes(args[2]));
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
-    // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound).
-    let flags = ctx_flags(ctx);
-    let replay = replayed(flags);
-    let max_tags = if replay { MAX_PERSISTED_TAGS as usize } else { MAX_TAGS.get() as usize };
-    let parsed = match parse_set(&opts, max_tags) {
+    // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound). The
+    // context flags that tell a replay are read only when a local limit is passed (or for the tags' ACL
+    // check): ~130 instructions a SET otherwise.
+    let flags = Flags::new(ctx);
+    let parsed = match parse_set(&opts, MAX_TAGS.get() as usize) {
         Ok(p) => p,
+        Err(ArgError::TooManyTags { .. }) if flags.replayed() => match parse_set(&opts, MAX_PERSISTED_TAGS as usize) {
+            Ok(p) => p,
+            Err(e) => return reply::error(ctx, &e.to_string()),
+        },
         Err(e) => return reply::error(ctx, &e.to_string()),
     };
     let now = now_ms();
@@ -64,13 +68,14 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     };
     // The decoded size is checked before anything is decoded or compressed. Like max-tags, the local
     // max-value-size does not apply to a replayed SET: the hard maximum (what an RDB load accepts) does.
-    let max_value = if replay { MAX_ORIGINAL_LEN } else { MAX_VALUE_SIZE.get() as usize };
+    let local_max = MAX_VALUE_SIZE.get() as usize;
     match storage.decoded_len(value) {
-        Ok(n) if n > max_value => {
+        Ok(n) if n > local_max && (n > MAX_ORIGINAL_LEN || !flags.replayed()) => {
+            let max_value = if flags.replayed() { MAX_ORIGINAL_LEN } else { local_max };
             return reply::error(
                 ctx,
                 &format!("ERR value too large: {n} bytes decoded, more than tiercache.max-value-size ({max_value})"),
-            )
+            );
         }
         Ok(_) => {}
         Err(e) => return reply::error(ctx, &format!("ERR {e}")),
@@ -80,8 +85,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if !parsed.tags.is_empty() {
         let tag_args = parsed.tags_at.and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
         let checked = match tag_args {
-            Some(tag_args) => acl::check_with(ctx, flags, tag_args, Access::Write).map(drop),
-            None => acl::check_bytes(ctx, flags, &parsed.tags, Access::Write),
+            Some(tag_args) => acl::check_with(ctx, flags.get(), tag_args, Access::Write).map(drop),
+            None => acl::check_bytes(ctx, flags.get(), &parsed.tags, Access::Write),
         };
         if let Err(e) = checked {
             return reply::error(ctx, e);
@@ -107,7 +112,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         .filter(|_| entry.tags().len() == parsed.tags.len())
         .and_then(|at| args.get(3 + at..3 + at + 1 + parsed.tags.len()));
     // The effect form only when something reads the propagated stream (see propagation.rs).
-    let effect = propagation::needs_effects(ctx, flags)
+    let effect = propagation::needs_effects(ctx)
         .then(|| SetArgv::new(ctx, args[1], unchanged.then_some(args[2]), tag_args, &entry, key_ttl));
     // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
     let mut entry = entry;
@@ -165,15 +170,33 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     reply::ok(ctx)
 }
 
-fn ctx_flags(ctx: Ctx) -> c_int {
-    // SAFETY: ctx is the live command context.
-    unsafe { api!(RedisModule_GetContextFlags)(ctx) }
+/// The command's context flags (`RedisModule_GetContextFlags`), read on first use only.
+struct Flags {
+    ctx: Ctx,
+    read: std::cell::Cell<Option<c_int>>,
 }
 
-/// True when the command comes from the master's stream or from AOF loading.
-fn replayed(flags: c_int) -> bool {
-    let replay = (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
-    flags & replay != 0
+impl Flags {
+    fn new(ctx: Ctx) -> Flags {
+        Flags { ctx, read: std::cell::Cell::new(None) }
+    }
+
+    fn get(&self) -> c_int {
+        if let Some(f) = self.read.get() {
+            return f;
+        }
+        // SAFETY: ctx is the live command context.
+        let f = unsafe { api!(RedisModule_GetContextFlags)(self.ctx) };
+        self.read.set(Some(f));
+        f
+    }
+
+    /// True when the command comes from the master's stream or from AOF loading.
+    fn replayed(&self) -> bool {
+        let replay =
+            (redis_module::raw::REDISMODULE_CTX_FLAGS_REPLICATED | redis_module::raw::REDISMODULE_CTX_FLAGS_LOADING) as i32;
+        self.get() & replay != 0
+    }
 }
 
 /// TIERCACHE.GET key [ENCODED]
