@@ -8,6 +8,7 @@ mod config;
 mod datatype;
 mod emit;
 mod ffi;
+mod kept_ok;
 mod keys;
 mod leases;
 mod propagation;

@@ -39,25 +39,9 @@ pub fn wrong_type(ctx: Ctx) -> c_int {
 /// Write path). `+OK` reads the same in RESP2 and RESP3. NULL (the fallback) if it could not be made.
 static OK_REPLY: AtomicPtr<RedisModuleCallReply> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Makes the kept `+OK` (OnLoad): the reply of `SELECT 0` on the module's own temporary client, which
-/// changes nothing anyone sees (each `RedisModule_Call` selects its caller's database first). Kept only
-/// if it is exactly `+OK\r\n`; a renamed or disabled SELECT leaves the plain simple-string reply.
+/// Makes the kept `+OK` (OnLoad; see kept_ok.rs). Without it `ok` sends the plain simple-string reply.
 pub fn init(ctx: Ctx) {
-    // SAFETY: OnLoad context; "c" takes one C string. The reply is checked, then either kept for the
-    // life of the process (no auto-memory on this context, so nothing frees it) or freed here.
-    unsafe {
-        let r = api!(RedisModule_Call)(ctx, c"SELECT".as_ptr(), c"c".as_ptr(), c"0".as_ptr());
-        if r.is_null() {
-            return;
-        }
-        let mut len = 0usize;
-        let proto = api!(RedisModule_CallReplyProto)(r, &mut len);
-        if !proto.is_null() && std::slice::from_raw_parts(proto.cast::<u8>(), len) == b"+OK\r\n" {
-            OK_REPLY.store(r, Relaxed);
-        } else {
-            api!(RedisModule_FreeCallReply)(r);
-        }
-    }
+    OK_REPLY.store(crate::kept_ok::make(ctx), Relaxed);
 }
 
 pub fn ok(ctx: Ctx) -> c_int {

@@ -7,12 +7,16 @@
 //! the value into one allocation of Redis's, set it (an overwrite swaps the value in place and frees the
 //! old one, and drops an old TTL as native SET does), close the key, mark the write for persistence and replication (`ReplicateVerbatim`), fire a
 //! keyspace event as a native SET does, and reply `+OK` the cheapest way known (a call reply kept from
-//! load, as tiercache does).
+//! load: src/kept_ok.rs, shared with tiercache).
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicPtr, Ordering::Relaxed};
 
 use redis_module::{raw, redis_module, Context, RedisString, Status};
+
+// The same kept `+OK` as tiercache's (one source), so the floor measures the reply TIERCACHE.SET sends.
+#[path = "../../../src/kept_ok.rs"]
+mod kept_ok;
 
 type Ctx = *mut raw::RedisModuleCtx;
 type RStr = *mut raw::RedisModuleString;
@@ -142,16 +146,7 @@ fn init(ctx: &Context, _args: &[RedisString]) -> Status {
             return Status::Err;
         }
         TYPE.store(t, Relaxed);
-        let r = api!(RedisModule_Call)(ctx, c"SELECT".as_ptr(), c"c".as_ptr(), c"0".as_ptr());
-        if !r.is_null() {
-            let mut len = 0usize;
-            let proto = api!(RedisModule_CallReplyProto)(r, &mut len);
-            if !proto.is_null() && std::slice::from_raw_parts(proto.cast::<u8>(), len) == b"+OK\r\n" {
-                OK_REPLY.store(r, Relaxed);
-            } else {
-                api!(RedisModule_FreeCallReply)(r);
-            }
-        }
+        OK_REPLY.store(kept_ok::make(ctx), Relaxed);
         if api!(RedisModule_CreateCommand)(ctx, c"floor.set".as_ptr(), Some(floor_set), c"write deny-oom".as_ptr(), 1, 1, 1) != OK
         {
             return Status::Err;
