@@ -29,6 +29,58 @@ macro_rules! api {
 }
 pub(crate) use api;
 
+/// Declares the module API functions the per-command hot paths call (SET, GET, key access, replies):
+/// `missing_hot_api` names the first one this Redis lacks, and OnLoad refuses to load then, so `hot!`
+/// calls them without [`api!`]'s per-call check (three instructions a call, a dozen calls a SET).
+/// `hot!` accepts only the names listed here.
+macro_rules! hot_api {
+    ($($name:ident),* $(,)?) => {
+        /// The first hot-path API function missing from this Redis (checked once, at load).
+        pub fn missing_hot_api() -> Option<&'static str> {
+            $(
+                // SAFETY: the API table is written once by RedisModule_Init, before OnLoad runs.
+                if unsafe { redis_module::raw::$name }.is_none() {
+                    return Some(stringify!($name));
+                }
+            )*
+            None
+        }
+
+        macro_rules! hot {
+            $(
+                ($name) => {{
+                    // SAFETY: OnLoad checked this pointer is set (missing_hot_api) and fails the load
+                    // otherwise; the API table is not written after RedisModule_Init.
+                    #[allow(unused_unsafe)]
+                    unsafe { redis_module::raw::$name.unwrap_unchecked() }
+                }};
+            )*
+        }
+        pub(crate) use hot;
+    };
+}
+
+hot_api!(
+    RedisModule_OpenKey,
+    RedisModule_CloseKey,
+    RedisModule_KeyType,
+    RedisModule_ModuleTypeGetType,
+    RedisModule_ModuleTypeGetValue,
+    RedisModule_ModuleTypeReplaceValue,
+    RedisModule_ModuleTypeSetValue,
+    RedisModule_GetAbsExpire,
+    RedisModule_SetAbsExpire,
+    RedisModule_SetExpire,
+    RedisModule_StringPtrLen,
+    RedisModule_Milliseconds,
+    RedisModule_GetSelectedDb,
+    RedisModule_NotifyKeyspaceEvent,
+    RedisModule_ReplicateVerbatim,
+    RedisModule_ReplyWithCallReply,
+    RedisModule_ReplyWithStringBuffer,
+    RedisModule_ReplyWithNull,
+);
+
 /// Runs a command body, turning a panic into an error reply so that it never unwinds into Redis.
 #[inline(always)]
 pub fn guard_command(ctx: Ctx, argv: *mut RStr, argc: c_int, body: impl FnOnce(Ctx, &[RStr]) -> c_int) -> c_int {
@@ -140,7 +192,7 @@ pub fn bytes<'a>(s: RStr) -> &'a [u8] {
     // SAFETY: `s` is a live RedisModuleString (an argv entry or one we created); StringPtrLen returns
     // a pointer to its `len` bytes, valid while the string lives, which outlives our use of the slice.
     unsafe {
-        let ptr = api!(RedisModule_StringPtrLen)(s, &mut len);
+        let ptr = hot!(RedisModule_StringPtrLen)(s, &mut len);
         if ptr.is_null() {
             return &[];
         }
@@ -164,7 +216,7 @@ pub fn free_string(ctx: Ctx, s: RStr) {
 #[inline]
 pub fn now_ms() -> i64 {
     // SAFETY: takes no arguments.
-    unsafe { api!(RedisModule_Milliseconds)() }
+    unsafe { hot!(RedisModule_Milliseconds)() }
 }
 
 /// Writes a line to the Redis log.

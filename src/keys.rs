@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use redis_module::raw;
 use tiercache_core::{Entry, NO_DEADLINE};
 
-use crate::ffi::{api, Ctx, RStr};
+use crate::ffi::{api, hot, Ctx, RStr};
 
 /// The registered `tiercache` data type (set once during load).
 static TYPE: AtomicPtr<raw::RedisModuleType> = AtomicPtr::new(std::ptr::null_mut());
@@ -28,6 +28,7 @@ pub enum Slot<'a> {
 }
 
 /// What a key holds, before it is borrowed as a [`Slot`] or an `&mut Entry`.
+#[derive(Clone, Copy)]
 enum Raw {
     Empty,
     Entry(*mut u8),
@@ -39,7 +40,7 @@ struct Handle(*mut raw::RedisModuleKey);
 impl Handle {
     fn open(ctx: Ctx, name: RStr, mode: c_int) -> Self {
         // SAFETY: ctx and name are live for the current command; OpenKey returns a handle we close on drop.
-        Handle(unsafe { api!(RedisModule_OpenKey)(ctx, name, mode).cast() })
+        Handle(unsafe { hot!(RedisModule_OpenKey)(ctx, name, mode).cast() })
     }
 
     /// The entry behind an open key, for updating its tag epochs (module memory only: the keyspace is not
@@ -69,18 +70,18 @@ impl Handle {
             return Raw::Empty;
         }
         // SAFETY: self.0 is an open key handle.
-        let kind = unsafe { api!(RedisModule_KeyType)(self.0) };
+        let kind = unsafe { hot!(RedisModule_KeyType)(self.0) };
         if kind == raw::REDISMODULE_KEYTYPE_EMPTY as c_int {
             return Raw::Empty;
         }
         // SAFETY: as above; ModuleTypeGetType returns null for non-module keys.
         if kind != raw::REDISMODULE_KEYTYPE_MODULE as c_int
-            || unsafe { api!(RedisModule_ModuleTypeGetType)(self.0) } != data_type()
+            || unsafe { hot!(RedisModule_ModuleTypeGetType)(self.0) } != data_type()
         {
             return Raw::WrongType;
         }
         // SAFETY: open key handle holding our type.
-        let v = unsafe { api!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
+        let v = unsafe { hot!(RedisModule_ModuleTypeGetValue)(self.0) }.cast::<u8>();
         if v.is_null() {
             Raw::Empty
         } else {
@@ -94,7 +95,7 @@ impl Handle {
             return NO_DEADLINE;
         }
         // SAFETY: open key handle; GetAbsExpire exists since Redis 6.2.
-        let at = unsafe { api!(RedisModule_GetAbsExpire)(self.0) };
+        let at = unsafe { hot!(RedisModule_GetAbsExpire)(self.0) };
         if at == raw::REDISMODULE_NO_EXPIRE as i64 {
             NO_DEADLINE
         } else {
@@ -108,7 +109,7 @@ impl Drop for Handle {
         if !self.0.is_null() {
             // SAFETY: the handle is open and closed exactly once, here. Closing a write handle signals
             // the key as modified (WATCH, client tracking).
-            unsafe { api!(RedisModule_CloseKey)(self.0) };
+            unsafe { hot!(RedisModule_CloseKey)(self.0) };
         }
     }
 }
@@ -150,16 +151,25 @@ pub unsafe fn with_open_entry_mut<R>(key: *mut raw::RedisModuleKey, f: impl FnOn
     r
 }
 
-/// A key opened for writing.
-pub struct WriteKey(Handle);
+/// A key opened for writing. What it holds is inspected once, at open (three calls into Redis), and
+/// kept up to date by this handle's own changes: nothing else changes the key while it is open.
+pub struct WriteKey(Handle, Raw);
 
 impl WriteKey {
     pub fn open(ctx: Ctx, name: RStr) -> Self {
-        WriteKey(Handle::open(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int))
+        let h = Handle::open(ctx, name, (raw::REDISMODULE_READ | raw::REDISMODULE_WRITE) as c_int);
+        let held = h.raw();
+        WriteKey(h, held)
     }
 
     pub fn slot(&self) -> Slot<'_> {
-        self.0.slot()
+        match self.1 {
+            Raw::Empty => Slot::Empty,
+            // SAFETY: the value the open key holds (see open), made by Entry::into_raw; the borrow of
+            // self keeps the key unmodified while the slot lives.
+            Raw::Entry(p) => Slot::Entry(unsafe { Entry::from_raw(p) }),
+            Raw::WrongType => Slot::WrongType,
+        }
     }
 
     pub fn expire_at(&self) -> i64 {
@@ -168,13 +178,21 @@ impl WriteKey {
 
     /// The entry the key holds (before [`WriteKey::store`] replaces it).
     pub fn entry_mut(&mut self) -> Option<&mut Entry> {
-        self.0.entry_mut()
+        match self.1 {
+            // SAFETY: as in slot; the mutable borrow of self makes this the only reference.
+            Raw::Entry(p) => Some(unsafe { Entry::from_raw_mut(p) }),
+            Raw::Empty | Raw::WrongType => None,
+        }
     }
 
     /// Deletes the key (the type's unlink and free callbacks run).
     pub fn delete(&mut self) -> bool {
         // SAFETY: open write handle.
-        !self.0 .0.is_null() && unsafe { api!(RedisModule_DeleteKey)(self.0 .0) } == raw::REDISMODULE_OK as c_int
+        let deleted = !self.0 .0.is_null() && unsafe { api!(RedisModule_DeleteKey)(self.0 .0) } == raw::REDISMODULE_OK as c_int;
+        if deleted {
+            self.1 = Raw::Empty;
+        }
+        deleted
     }
 
     /// Makes the key hold `entry` with absolute expiry `expire_at` (NO_DEADLINE: none), and hands it
@@ -190,45 +208,49 @@ impl WriteKey {
     }
 
     fn store_raw(&mut self, ptr: *mut u8, expire_at: i64) -> Result<(), &'static str> {
-        // SAFETY: `ptr` was made by Entry::into_raw just now and is not yet shared.
-        crate::stats::entry_added(unsafe { Entry::from_raw(ptr) });
         let ptr = ptr.cast::<c_void>();
-        if let Raw::Entry(_) = self.0.raw() {
+        if let Raw::Entry(_) = self.1 {
             let mut old: *mut c_void = std::ptr::null_mut();
             // SAFETY: open write handle holding our type; Redis swaps in `ptr` (which it now owns) and hands
             // the old value back to us without calling any callback.
-            let rc = unsafe { api!(RedisModule_ModuleTypeReplaceValue)(self.0 .0, data_type(), ptr, &mut old) };
+            let rc = unsafe { hot!(RedisModule_ModuleTypeReplaceValue)(self.0 .0, data_type(), ptr, &mut old) };
             if rc == raw::REDISMODULE_OK as c_int {
-                if !old.is_null() {
+                // SAFETY: `ptr` was made by Entry::into_raw; the key holds it and nothing else references it.
+                let new = unsafe { Entry::from_raw(ptr.cast()) };
+                if old.is_null() {
+                    crate::stats::entry_added(new);
+                } else {
                     // SAFETY: the old value was made by Entry::into_raw and Redis no longer holds it.
                     let old = unsafe { Entry::box_from_raw(old.cast()) };
-                    crate::stats::entry_removed(&old);
+                    crate::stats::entry_replaced(&old, new);
                 }
+                self.1 = Raw::Entry(ptr.cast());
                 return self.set_expire(expire_at);
             }
             // SAFETY: Redis did not take `ptr`; reclaim it so it is freed exactly once.
-            let entry = unsafe { Entry::box_from_raw(ptr.cast()) };
-            crate::stats::entry_removed(&entry);
+            drop(unsafe { Entry::box_from_raw(ptr.cast()) });
             return Err("ERR tiercache could not store the entry");
         }
         // SAFETY: open write handle; on success Redis owns `ptr` and will hand it to our free callback.
-        let rc = unsafe { api!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr) };
+        let rc = unsafe { hot!(RedisModule_ModuleTypeSetValue)(self.0 .0, data_type(), ptr) };
         if rc != raw::REDISMODULE_OK as c_int {
             // SAFETY: Redis did not take ownership; reclaim the entry so it is freed exactly once.
-            let entry = unsafe { Entry::box_from_raw(ptr.cast()) };
-            crate::stats::entry_removed(&entry);
+            drop(unsafe { Entry::box_from_raw(ptr.cast()) });
             return Err("ERR tiercache could not store the entry");
         }
+        // SAFETY: as above: the key holds `ptr` now.
+        crate::stats::entry_added(unsafe { Entry::from_raw(ptr.cast()) });
+        self.1 = Raw::Entry(ptr.cast());
         self.set_expire(expire_at)
     }
 
     fn set_expire(&mut self, expire_at: i64) -> Result<(), &'static str> {
         if expire_at != NO_DEADLINE {
             // SAFETY: open write handle holding a value; SetAbsExpire exists since Redis 6.2.
-            unsafe { api!(RedisModule_SetAbsExpire)(self.0 .0, expire_at) };
+            unsafe { hot!(RedisModule_SetAbsExpire)(self.0 .0, expire_at) };
         } else if self.0.expire_at() != NO_DEADLINE {
             // SAFETY: as above; NO_EXPIRE removes the TTL.
-            unsafe { api!(RedisModule_SetExpire)(self.0 .0, raw::REDISMODULE_NO_EXPIRE as i64) };
+            unsafe { hot!(RedisModule_SetExpire)(self.0 .0, raw::REDISMODULE_NO_EXPIRE as i64) };
         }
         Ok(())
     }

@@ -14,6 +14,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::raw::{c_int, c_void};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use redis_module::raw;
 use tiercache_core::lease::{Acquire, Handoff, Lease, LeaseTable, Waiter};
@@ -73,10 +74,12 @@ struct ParkedAt {
     client: u64,
 }
 
+/// See [`none_held`]. A plain static (the module runs on the main thread): a thread-local in a shared
+/// object costs a `__tls_get_addr` call on every write.
+static HELD: AtomicBool = AtomicBool::new(false);
+
 thread_local! {
     static TABLE: RefCell<LeaseTable<Parked>> = RefCell::new(LeaseTable::new(random_token));
-    /// See [`none_held`].
-    static HELD: Cell<bool> = const { Cell::new(false) };
     /// Where each parked client waits: blocked-client handle -> (db, key, client).
     static PARKED_AT: RefCell<HashMap<usize, ParkedAt>> = RefCell::new(HashMap::new());
     /// The parked read of each client (a client runs one command at a time, so at most one).
@@ -127,9 +130,9 @@ fn with<R>(f: impl FnOnce(&mut LeaseTable<Parked>) -> R) -> Option<R> {
     TABLE.with(|t| {
         t.try_borrow_mut().ok().map(|mut t| {
             // Held until shown otherwise: should `f` unwind, the fast path stays off.
-            HELD.with(|h| h.set(true));
+            HELD.store(true, Relaxed);
             let r = f(&mut t);
-            HELD.with(|h| h.set(!t.is_empty()));
+            HELD.store(!t.is_empty(), Relaxed);
             r
         })
     })
@@ -138,8 +141,8 @@ fn with<R>(f: impl FnOnce(&mut LeaseTable<Parked>) -> R) -> Option<R> {
 /// Whether any lease is held, as the table stood after the last [`with`] (its only mutable access): a
 /// write of a key without a lease (most) looks no further.
 #[inline]
-fn none_held() -> bool {
-    !HELD.with(Cell::get)
+pub fn none_held() -> bool {
+    !HELD.load(Relaxed)
 }
 
 /// True when any lease is outstanding.

@@ -23,6 +23,10 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
     let args: Vec<ffi::RStr> = args.iter().map(|a| a.inner).collect();
     let ok = ffi::guard(false, || {
         ffi::install_panic_hook(ctx);
+        if let Some(name) = ffi::missing_hot_api() {
+            ffi::log(ctx, "warning", &format!("tiercache: this Redis lacks {name} (Redis >= 7.0 is required)"));
+            return false;
+        }
         // SAFETY: OnLoad context; HANDLE_IO_ERRORS makes truncated RDB payloads an error we check
         // (needed for diskless replica loading).
         unsafe { ffi::api!(RedisModule_SetModuleOptions)(ctx, redis_module::raw::REDISMODULE_OPTIONS_HANDLE_IO_ERRORS as i32) };

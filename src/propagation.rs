@@ -17,25 +17,25 @@
 //! gets a new replication id, so nothing propagated before the fork is ever sent to anyone. So a SET
 //! reads no context flags for this (`RedisModule_GetContextFlags` is ~130 instructions).
 
-use std::cell::Cell;
 use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use redis_module::raw;
 
-use crate::ffi::{api, guard, log, Ctx, OK};
+use crate::ffi::{api, guard, hot, log, Ctx, OK};
 
 /// How often "listened to" is re-checked while true.
 const POLL_MS: i64 = 1000;
 
-thread_local! {
-    static LISTENED: Cell<bool> = const { Cell::new(true) };
-    static POLL_ARMED: Cell<bool> = const { Cell::new(false) };
-}
+// Plain statics, not thread-locals: the module runs on Redis's main thread, and a thread-local in a
+// shared object costs a `__tls_get_addr` call (and its code in the instruction cache) on every SET.
+static LISTENED: AtomicBool = AtomicBool::new(true);
+static POLL_ARMED: AtomicBool = AtomicBool::new(false);
 
 /// True when a write must propagate its effect form: AOF, a backlog or a replica may read the stream.
 #[inline]
 pub fn needs_effects(ctx: Ctx) -> bool {
-    if !LISTENED.with(Cell::get) {
+    if !LISTENED.load(Relaxed) {
         return false;
     }
     // The first poll is armed lazily, from a command, when the event loop surely runs.
@@ -45,17 +45,17 @@ pub fn needs_effects(ctx: Ctx) -> bool {
 
 /// Something may now read the stream (a fork, a role change): effects from now on, re-checked later.
 pub fn listened(ctx: Ctx) {
-    LISTENED.with(|l| l.set(true));
+    LISTENED.store(true, Relaxed);
     arm(ctx);
 }
 
 fn arm(ctx: Ctx) {
-    if POLL_ARMED.with(Cell::get) {
+    if POLL_ARMED.load(Relaxed) {
         return;
     }
     // SAFETY: live context; the callback takes no data.
     unsafe { api!(RedisModule_CreateTimer)(ctx, POLL_MS, Some(poll), std::ptr::null_mut()) };
-    POLL_ARMED.with(|a| a.set(true));
+    POLL_ARMED.store(true, Relaxed);
 }
 
 /// `INFO replication`: does a backlog exist or is a replica connected? (Errors count as yes.)
@@ -85,12 +85,12 @@ fn aof_on(ctx: Ctx) -> bool {
 }
 
 unsafe extern "C" fn poll(ctx: Ctx, _data: *mut c_void) {
-    POLL_ARMED.with(|a| a.set(false));
+    POLL_ARMED.store(false, Relaxed);
     guard((), || {
         if aof_on(ctx) || backlog_or_replicas(ctx) {
             arm(ctx);
         } else {
-            LISTENED.with(|l| l.set(false));
+            LISTENED.store(false, Relaxed);
         }
     })
 }
@@ -118,5 +118,5 @@ pub fn register(ctx: Ctx) -> bool {
 /// `RM_ReplicateVerbatim`: marks the dataset dirty; nobody reads what it propagates (see above).
 pub fn replicate_verbatim(ctx: Ctx) {
     // SAFETY: live command context.
-    unsafe { api!(RedisModule_ReplicateVerbatim)(ctx) };
+    unsafe { hot!(RedisModule_ReplicateVerbatim)(ctx) };
 }

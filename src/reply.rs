@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicPtr, Ordering::Relaxed};
 
 use redis_module::raw::RedisModuleCallReply;
 
-use crate::ffi::{api, Ctx, OK};
+use crate::ffi::{api, hot, Ctx, OK};
 
 /// A value inside a name/value reply.
 pub enum Value<'a> {
@@ -52,21 +52,21 @@ pub fn ok(ctx: Ctx) -> c_int {
     } else {
         // SAFETY: ctx is live; `kept` is the `+OK` call reply made in `init`, never freed, and only
         // read here (its protocol bytes are copied into the client's reply).
-        unsafe { api!(RedisModule_ReplyWithCallReply)(ctx, kept) };
+        unsafe { hot!(RedisModule_ReplyWithCallReply)(ctx, kept) };
     }
     OK
 }
 
 pub fn null(ctx: Ctx) -> c_int {
     // SAFETY: ctx is live.
-    unsafe { api!(RedisModule_ReplyWithNull)(ctx) };
+    unsafe { hot!(RedisModule_ReplyWithNull)(ctx) };
     OK
 }
 
 #[inline]
 pub fn bulk(ctx: Ctx, b: &[u8]) -> c_int {
     // SAFETY: ctx is live; Redis copies `len` bytes from the buffer into the reply.
-    unsafe { api!(RedisModule_ReplyWithStringBuffer)(ctx, b.as_ptr().cast::<c_char>(), b.len()) };
+    unsafe { hot!(RedisModule_ReplyWithStringBuffer)(ctx, b.as_ptr().cast::<c_char>(), b.len()) };
     OK
 }
 

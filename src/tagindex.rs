@@ -20,7 +20,7 @@ use tiercache_core::tags::{Tags, DEAD};
 use tiercache_core::Entry;
 
 use crate::config;
-use crate::ffi::{api, bytes, free_string, guard, log, new_string, Ctx, RStr, OK};
+use crate::ffi::{api, bytes, free_string, guard, hot, log, new_string, Ctx, RStr, OK};
 use crate::keys::{self, Slot, WriteKey};
 use crate::stats;
 
@@ -97,7 +97,7 @@ fn free_in_background(garbage: Vec<Garbage>) {
 
 pub fn selected_db(ctx: Ctx) -> usize {
     // SAFETY: ctx is a live context.
-    let db = unsafe { api!(RedisModule_GetSelectedDb)(ctx) };
+    let db = unsafe { hot!(RedisModule_GetSelectedDb)(ctx) };
     usize::try_from(db).unwrap_or(0)
 }
 
@@ -318,7 +318,7 @@ fn reclaim_one(ctx: Ctx, db: usize, key: &[u8]) -> Option<RStr> {
     if dead && k.delete() {
         drop(k);
         // SAFETY: live context and key name.
-        unsafe { api!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name) };
+        unsafe { hot!(RedisModule_NotifyKeyspaceEvent)(ctx, raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name) };
         stats::RECLAIMED.bump();
         DB_OF.with(|d| d.borrow_mut().push(db));
         return Some(name);
@@ -428,7 +428,7 @@ fn index_everything(ctx: Ctx) {
     // SAFETY: live context; every db is selected in turn and the original restored; each cursor is
     // destroyed after its scan.
     unsafe {
-        let original = api!(RedisModule_GetSelectedDb)(ctx);
+        let original = hot!(RedisModule_GetSelectedDb)(ctx);
         let mut db = 0;
         while api!(RedisModule_SelectDb)(ctx, db) == OK {
             let cursor = api!(RedisModule_ScanCursorCreate)();

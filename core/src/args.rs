@@ -81,7 +81,8 @@ pub struct SetArgs<'a> {
     pub keep_ttl: bool,
     /// The stale window in milliseconds (STALE is given in seconds).
     pub stale_ms: i64,
-    pub tags: Vec<&'a [u8]>,
+    /// The tag arguments, borrowed from the options (no copy).
+    pub tags: &'a [&'a [u8]],
     /// Where `numtags` stands in the options given (so a caller can reuse the original arguments).
     pub tags_at: Option<usize>,
     pub compression: Compression,
@@ -110,7 +111,7 @@ fn int(arg: Option<&&[u8]>) -> Result<i64, ArgError> {
 ///
 /// `max_tags` is `tiercache.max-tags`. Tags are checked (non-empty, count) but repeats are kept here;
 /// the entry's tag list drops them.
-pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, ArgError> {
+pub fn parse_set<'a>(opts: &'a [&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, ArgError> {
     let mut fresh = None;
     let mut keep_ttl = false;
     let mut stale = None;
@@ -168,7 +169,7 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
             if list.iter().any(|t| t.is_empty()) {
                 return Err(ArgError::EmptyTag);
             }
-            tags = Some(list.to_vec());
+            tags = Some(list);
             tags_at = Some(i + 1);
             i = start + n;
         } else if is("NOCOMPRESS") {
@@ -222,6 +223,21 @@ pub fn parse_set<'a>(opts: &[&'a [u8]], max_tags: usize) -> Result<SetArgs<'a>, 
         created,
         lease,
     })
+}
+
+impl SetArgs<'static> {
+    /// What [`parse_set`] returns for no options at all (a plain `TIERCACHE.SET key value`): a caller
+    /// may take it without parsing.
+    pub const NONE: SetArgs<'static> = SetArgs {
+        fresh: FreshPeriod::Forever,
+        keep_ttl: false,
+        stale_ms: 0,
+        tags: &[],
+        tags_at: None,
+        compression: Compression::Auto,
+        created: None,
+        lease: None,
+    };
 }
 
 impl SetArgs<'_> {
@@ -332,6 +348,9 @@ mod tests {
         assert!(a.tags.is_empty());
         assert_eq!(a.compression, Compression::Auto);
         assert_eq!(a.deadlines(1000).unwrap(), Deadlines { fresh_until: NO_DEADLINE, expire_at: NO_DEADLINE });
+        // The module takes SetArgs::NONE instead of parsing an empty option list: it must be the same.
+        assert_eq!(a, SetArgs::NONE);
+        assert_ne!(set(&["NOCOMPRESS"]).unwrap(), SetArgs::NONE);
     }
 
     #[test]

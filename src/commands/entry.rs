@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::os::raw::c_int;
 
-use tiercache_core::args::{parse_get, parse_set, ArgError, Compression, GetArgs, LeaseArgs};
+use tiercache_core::args::{parse_get, parse_set, ArgError, Compression, GetArgs, LeaseArgs, SetArgs};
 use tiercache_core::entry::Storage;
 use tiercache_core::lease::Acquire;
 use tiercache_core::lz4::MAX_ORIGINAL_LEN;
@@ -13,7 +13,7 @@ use tiercache_core::{Encoding, Entry, NO_DEADLINE};
 use crate::acl::{self, Access};
 use crate::config::{self, COMPRESS_MIN_SIZE, MAX_TAGS, MAX_VALUE_SIZE};
 use crate::emit::{KeyTtl, SetArgv};
-use crate::ffi::{api, bytes, now_ms, ArgBytes, Ctx, RStr};
+use crate::ffi::{api, bytes, hot, now_ms, ArgBytes, Ctx, RStr};
 use crate::keys::{ReadKey, Slot, WriteKey};
 use crate::leases;
 use crate::propagation;
@@ -41,21 +41,30 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         return reply::wrong_arity(ctx);
     }
     let opts = ArgBytes::new(&args[3..]);
-    // Read once: each read of an argument is a call into Redis.
-    let (name, value) = (bytes(args[1]), bytes(args[2]));
+    // Read once: each read of an argument is a call into Redis. The key's database and name bytes are
+    // read on first use: the tag index and the lease table need them, an untagged SET with no lease
+    // held anywhere does not.
+    let value = bytes(args[2]);
+    let target = std::cell::OnceCell::new();
+    let key_of = || *target.get_or_init(|| (tagindex::selected_db(ctx), bytes(args[1])));
     // A SET replayed from the master or the AOF recreates an entry that was already accepted: it must
     // not be lost because this server's tiercache.max-tags is lower. It gets the hard bound instead,
     // the same one an RDB load applies (persist::MAX_PERSISTED_TAGS, the config's upper bound). The
     // context flags that tell a replay are read only when a local limit is passed (or for the tags' ACL
     // check): ~130 instructions a SET otherwise.
     let flags = Flags::new(ctx);
-    let parsed = match parse_set(&opts, MAX_TAGS.get() as usize) {
-        Ok(p) => p,
-        Err(ArgError::TooManyTags { .. }) if flags.replayed() => match parse_set(&opts, MAX_PERSISTED_TAGS as usize) {
+    // No options (a plain SET): nothing to parse (SetArgs::NONE is what parsing gives, tested in core).
+    let parsed = if opts.is_empty() {
+        SetArgs::NONE
+    } else {
+        match parse_set(&opts, MAX_TAGS.get() as usize) {
             Ok(p) => p,
+            Err(ArgError::TooManyTags { .. }) if flags.replayed() => match parse_set(&opts, MAX_PERSISTED_TAGS as usize) {
+                Ok(p) => p,
+                Err(e) => return reply::error(ctx, &e.to_string()),
+            },
             Err(e) => return reply::error(ctx, &e.to_string()),
-        },
-        Err(e) => return reply::error(ctx, &e.to_string()),
+        }
     };
     let now = now_ms();
     let deadlines = match parsed.deadlines(now) {
@@ -86,13 +95,13 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
         let tag_args = parsed.tags_at.and_then(|at| args.get(3 + at + 1..3 + at + 1 + parsed.tags.len()));
         let checked = match tag_args {
             Some(tag_args) => acl::check_with(ctx, flags.get(), tag_args, Access::Write).map(drop),
-            None => acl::check_bytes(ctx, flags.get(), &parsed.tags, Access::Write),
+            None => acl::check_bytes(ctx, flags.get(), parsed.tags, Access::Write),
         };
         if let Err(e) = checked {
             return reply::error(ctx, e);
         }
     }
-    let entry = match Entry::from_value(value, storage, deadlines.fresh_until, parsed.created.unwrap_or(now), &parsed.tags) {
+    let entry = match Entry::from_value(value, storage, deadlines.fresh_until, parsed.created.unwrap_or(now), parsed.tags) {
         Ok(e) => e,
         Err(e) => return reply::error(ctx, &format!("ERR {e}")),
     };
@@ -101,7 +110,6 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Slot::WrongType = key.slot() {
         return reply::wrong_type(ctx);
     }
-    let db = tagindex::selected_db(ctx);
     let (expire_at, key_ttl) =
         if parsed.keep_ttl { (key.expire_at(), KeyTtl::Keep) } else { (deadlines.expire_at, KeyTtl::Stale(parsed.stale_ms)) };
     // The stored bytes are the value argument itself unless this SET compressed it.
@@ -117,7 +125,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // A lease fill is checked last, when nothing else can refuse the write: a fenced fill stores nothing.
     let mut entry = entry;
     let fill = match parsed.lease {
-        Some(token) => match leases::begin_fill(ctx, db, name, token, &parsed.tags) {
+        Some(token) => match leases::begin_fill(ctx, key_of().0, key_of().1, token, parsed.tags) {
             Ok((lease, took)) => {
                 entry.set_fill_ms(took);
                 Some(lease)
@@ -132,22 +140,25 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if let Some(old) = key.entry_mut() {
         carried = tagindex::carry_over(old, &mut entry);
         if !carried {
+            let (db, name) = key_of();
             tagindex::detach(db, name, old);
         }
     }
     match key.store(entry, expire_at) {
         Ok(e) => {
             if !carried {
+                let (db, name) = key_of();
                 tagindex::attach(ctx, db, name, e);
             }
             match fill {
                 Some(lease) => leases::filled(lease, e),
-                None => leases::written_by_other(db, name, e),
+                None if leases::none_held() => {}
+                None => leases::written_by_other(key_of().0, key_of().1, e),
             }
         }
         Err(msg) => {
             if let Some(lease) = fill {
-                leases::abort_fill(ctx, db, name, lease);
+                leases::abort_fill(ctx, key_of().0, key_of().1, lease);
             }
             return reply::error(ctx, msg);
         }
@@ -159,7 +170,7 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     }
     // SAFETY: live command context and key name; the event name is a C string.
     unsafe {
-        api!(RedisModule_NotifyKeyspaceEvent)(
+        hot!(RedisModule_NotifyKeyspaceEvent)(
             ctx,
             redis_module::raw::REDISMODULE_NOTIFY_MODULE,
             c"tiercache.set".as_ptr(),

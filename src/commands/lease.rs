@@ -5,7 +5,7 @@ use std::os::raw::c_int;
 
 use tiercache_core::args::parse_token;
 
-use crate::ffi::{api, bytes, Ctx, RStr};
+use crate::ffi::{api, bytes, hot, Ctx, RStr};
 use crate::keys::{Slot, WriteKey};
 use crate::{leases, reply, tagindex};
 
@@ -47,7 +47,7 @@ pub fn del(ctx: Ctx, args: &[RStr]) -> c_int {
             deleted += 1;
             // SAFETY: live command context and key name.
             unsafe {
-                api!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name)
+                hot!(RedisModule_NotifyKeyspaceEvent)(ctx, redis_module::raw::REDISMODULE_NOTIFY_GENERIC, c"del".as_ptr(), name)
             };
         }
     }
