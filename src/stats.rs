@@ -81,12 +81,18 @@ pub fn entry_added(e: &Entry) {
 /// `new` took `old`'s place in a key (an overwrite). Only what changed is added, so an overwrite with a
 /// value of the same size and encoding takes no locked instruction (each costs tens of cycles).
 pub fn entry_replaced(old: &Entry, new: &Entry) {
-    let lz4 = |e: &Entry| i64::from(e.encoding() == Encoding::Lz4);
-    for (gauge, delta) in [
-        (&COMPRESSED, lz4(new) - lz4(old)),
-        (&BYTES_ORIGINAL, new.size() as i64 - old.size() as i64),
-        (&BYTES_STORED, new.stored().len() as i64 - old.stored().len() as i64),
-    ] {
+    // (stored length, original size, lz4?): a raw entry's size is its stored length, read once.
+    let measure = |e: &Entry| {
+        let stored = e.stored().len() as i64;
+        match e.encoding() {
+            Encoding::Raw => (stored, stored, 0),
+            Encoding::Lz4 => (stored, e.size() as i64, 1),
+        }
+    };
+    let ((old_stored, old_size, old_lz4), (new_stored, new_size, new_lz4)) = (measure(old), measure(new));
+    for (gauge, delta) in
+        [(&COMPRESSED, new_lz4 - old_lz4), (&BYTES_ORIGINAL, new_size - old_size), (&BYTES_STORED, new_stored - old_stored)]
+    {
         if delta != 0 {
             gauge.fetch_add(delta, Relaxed);
         }

@@ -175,13 +175,16 @@ impl Entry {
         let total = HEADER.checked_add(tags_len).and_then(|n| n.checked_add(data.len())).ok_or(FrameError::TooLarge)?;
         let total32 = u32::try_from(total).map_err(|_| FrameError::TooLarge)?;
         let tags32 = u32::try_from(tags_len).map_err(|_| FrameError::TooLarge)?;
-        let mut buf = Vec::with_capacity(total);
-        buf.extend_from_slice(&total32.to_le_bytes());
-        buf.extend_from_slice(&fresh_until.to_le_bytes());
-        buf.extend_from_slice(&created.to_le_bytes());
+        // The header is laid out on the stack and copied in once (one capacity check, not five).
         let fill = if encoding == Encoding::Lz4 { LZ4_BIT } else { 0 };
-        buf.extend_from_slice(&fill.to_le_bytes());
-        buf.extend_from_slice(&tags32.to_le_bytes());
+        let mut header = [0u8; HEADER];
+        header[AT_LEN..AT_LEN + 4].copy_from_slice(&total32.to_le_bytes());
+        header[AT_FRESH..AT_FRESH + 8].copy_from_slice(&fresh_until.to_le_bytes());
+        header[AT_CREATED..AT_CREATED + 8].copy_from_slice(&created.to_le_bytes());
+        header[AT_FILL..AT_FILL + 4].copy_from_slice(&fill.to_le_bytes());
+        header[AT_TAGS_LEN..AT_TAGS_LEN + 4].copy_from_slice(&tags32.to_le_bytes());
+        let mut buf = Vec::with_capacity(total);
+        buf.extend_from_slice(&header);
         match tags {
             TagBytes::Laid(t) => buf.extend_from_slice(t.as_bytes()),
             TagBytes::Names(e) => e.write(&mut buf),

@@ -40,7 +40,6 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     if args.len() < 3 {
         return reply::wrong_arity(ctx);
     }
-    let opts = ArgBytes::new(&args[3..]);
     // Read once: each read of an argument is a call into Redis. The key's database and name bytes are
     // read on first use: the tag index and the lease table need them, an untagged SET with no lease
     // held anywhere does not.
@@ -53,10 +52,13 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // context flags that tell a replay are read only when a local limit is passed (or for the tags' ACL
     // check): ~130 instructions a SET otherwise.
     let flags = Flags::new(ctx);
-    // No options (a plain SET): nothing to parse (SetArgs::NONE is what parsing gives, tested in core).
-    let parsed = if opts.is_empty() {
+    // No options (a plain SET): nothing to parse (SetArgs::NONE is what parsing gives, tested in core),
+    // and no option bytes to gather.
+    let opts: ArgBytes;
+    let parsed = if args.len() == 3 {
         SetArgs::NONE
     } else {
+        opts = ArgBytes::new(&args[3..]);
         match parse_set(&opts, MAX_TAGS.get() as usize) {
             Ok(p) => p,
             Err(ArgError::TooManyTags { .. }) if flags.replayed() => match parse_set(&opts, MAX_PERSISTED_TAGS as usize) {
@@ -138,7 +140,8 @@ pub fn set(ctx: Ctx, args: &[RStr]) -> c_int {
     // the new one has the same tags and simply takes its place.
     let mut carried = false;
     if let Some(old) = key.entry_mut() {
-        carried = tagindex::carry_over(old, &mut entry);
+        // Untagged over untagged (the usual overwrite) needs no call into the index.
+        carried = (entry.tags().is_empty() && old.tags().is_empty()) || tagindex::carry_over(old, &mut entry);
         if !carried {
             let (db, name) = key_of();
             tagindex::detach(db, name, old);
