@@ -163,14 +163,21 @@ impl Registry {
     /// detach of the old nor the attach of the new has to touch the index. Returns false (and changes
     /// nothing) otherwise.
     pub fn carry_over(&self, old: &Tags, new: &mut Tags) -> bool {
-        if old.is_empty() || old.as_bytes().len() != new.as_bytes().len() || !self.is_valid(old) {
+        if old.is_empty() || old.as_bytes().len() != new.as_bytes().len() {
             return false;
         }
-        if !old.refs().zip(new.refs()).all(|(o, n)| o.name == n.name && n.epoch == PENDING) {
-            return false;
+        // One pass over both lists: the same names in the same order, the new ones pending, the old ones
+        // valid.
+        let (mut o, mut n) = (old.refs(), new.refs());
+        loop {
+            match (o.next(), n.next()) {
+                (None, None) => break,
+                (Some(o), Some(n)) if o.name == n.name && n.epoch == PENDING && self.matches(o.slot, o.epoch) => {}
+                _ => return false,
+            }
         }
-        let mut from = old.refs();
-        new.set_refs(|_| from.next().map_or((DEAD, 0), |o| (o.epoch, o.slot)));
+        // Same names in the same order: the two layouts differ only in the refs, which the new one takes.
+        new.take_refs_of(old);
         true
     }
 
@@ -412,6 +419,12 @@ mod tests {
         assert!(!r.carry_over(&live, &mut fewer));
         let mut again = tl(&["a", "b"]);
         assert!(!r.carry_over(&old, &mut again), "the old entry is no longer valid");
+        // the same length but another name (the layouts differ in more than the refs)
+        let mut xy = tl(&["x", "y"]);
+        r.attach(0, b"i", &mut xy);
+        let mut xz = tl(&["x", "z"]);
+        assert!(!r.carry_over(&xy, &mut xz) && xz.refs().all(|x| x.epoch == PENDING));
+        assert_eq!(xz.iter().collect::<Vec<_>>(), [b"x", b"z"]);
     }
 
     #[test]

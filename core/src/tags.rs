@@ -110,6 +110,15 @@ impl Tags {
         self.set_refs(|r| (f(r.name, r.epoch), r.slot));
     }
 
+    /// Takes `other`'s slots and epochs. The two hold the same names in the same order (checked by the
+    /// caller), so their bytes differ only there: a copy of the whole layout does it. Lists of different
+    /// lengths are left alone.
+    pub fn take_refs_of(&mut self, other: &Tags) {
+        if self.0.len() == other.0.len() {
+            self.0.copy_from_slice(&other.0);
+        }
+    }
+
     /// Sets every tag's `(epoch, slot)` to `f(current)`.
     pub fn set_refs(&mut self, mut f: impl FnMut(TagRef<'_>) -> (u64, u32)) {
         let buf = &mut self.0;
