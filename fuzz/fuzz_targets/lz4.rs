@@ -13,7 +13,6 @@ use std::cell::Cell;
 use libfuzzer_sys::fuzz_target;
 use tiercache_core::entry::{Entry, Storage};
 use tiercache_core::lz4::{self, FrameError, HEADER_LEN, MAX_ORIGINAL_LEN};
-use tiercache_core::tags::TagList;
 use tiercache_core::{Encoding, NO_DEADLINE};
 
 struct Counting;
@@ -98,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // SET ... ENCODING lz4 accepts exactly the frames that decode.
-    let entry = Entry::from_value(data, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, TagList::EMPTY);
+    let entry = Entry::from_value(data, Storage::Verbatim(Encoding::Lz4), NO_DEADLINE, 0, &[]);
     assert_eq!(entry.is_ok(), decoded.is_ok());
     if let Ok(e) = entry {
         assert_eq!(&*e.value().unwrap(), &decoded.unwrap()[..]);
