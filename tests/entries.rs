@@ -719,6 +719,15 @@ fn stats_counters(p: Proto) {
     assert_eq!(st.get("bytes_original"), 10 + 4096 + 1);
     assert_eq!(st.get("bytes_stored"), 10 + bstored + 1);
     assert_eq!(st.get("sets"), 4);
+    // An overwrite that changes the encoding moves the compressed count both ways.
+    c.set("b", "xy", &[]);
+    let st = c.stats();
+    assert_eq!((st.get("entries"), st.get("compressed_entries")), (3, 0));
+    assert_eq!((st.get("bytes_original"), st.get("bytes_stored")), (10 + 2 + 1, 10 + 2 + 1));
+    c.ok(&cmd!("TIERCACHE.SET", "b", &big));
+    let st = c.stats();
+    assert_eq!((st.get("entries"), st.get("compressed_entries")), (3, 1));
+    assert_eq!((st.get("bytes_original"), st.get("bytes_stored")), (10 + 4096 + 1, 10 + bstored + 1));
     c.int(&cmd!("DEL", "b"));
     let st = c.stats();
     assert_eq!(st.get("entries"), 2);
